@@ -1,0 +1,171 @@
+"""Load, validate, resample and write audio: the only module that touches files' samples.
+
+Every step works on 16 kHz mono float32 in [-1, 1]. Inputs of other rates or channel
+counts are converted on load (logged once per kind of conversion); outputs are 16-bit PCM
+WAV written atomically (temp file + rename), so a kill never leaves a half-written file.
+
+Memory: a file is read whole, 64 kB per second at 16 kHz (an hour is about 230 MB).
+`load_audio` refuses files longer than `max_seconds` (default `MAX_SECONDS`, one hour)
+before reading any samples, with an error that says so; steps that only need the start
+of a file (features) pass `crop_seconds` and read just that part.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from serec.fileio import atomic_path
+
+SAMPLE_RATE = 16_000
+MIN_SECONDS = 0.5
+MAX_SECONDS = 3600.0
+# Peak at or below -80 dBFS counts as silence: a dithered 16-bit "silent" file peaks at
+# a few LSB (about -90 dBFS) and nothing audible is that quiet.
+SILENCE_PEAK = 1e-4
+AUDIO_SUFFIXES = (".wav", ".flac")
+
+Seconds = float
+
+log = logging.getLogger(__name__)
+_logged_conversions: set[str] = set()
+
+
+class AudioError(Exception):
+    """A file that cannot be used as audio input; carries the file and the reason."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+def _log_once(kind: str, message: str) -> None:
+    if kind not in _logged_conversions:
+        _logged_conversions.add(kind)
+        log.info(message)
+
+
+def resample(audio: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
+    """Resample a mono signal with soxr's very-high-quality filter (no-op at equal rates)."""
+    if sr_in == sr_out:
+        return np.asarray(audio, dtype=np.float32)
+    return soxr.resample(np.asarray(audio, dtype=np.float32), sr_in, sr_out, quality="VHQ").astype(
+        np.float32
+    )
+
+
+def validate_audio(
+    audio: np.ndarray,
+    path: str | os.PathLike[str],
+    sr: int = SAMPLE_RATE,
+    min_seconds: Seconds | None = MIN_SECONDS,
+) -> None:
+    """Raise AudioError if the signal is empty, non-finite, all-silent or too short."""
+    if audio.size == 0:
+        raise AudioError(path, "zero length (no samples)")
+    if not np.all(np.isfinite(audio)):
+        raise AudioError(path, "contains NaN or Inf samples")
+    if float(np.max(np.abs(audio))) <= SILENCE_PEAK:
+        raise AudioError(path, "all-silent (peak at or below -80 dBFS)")
+    if min_seconds is not None and audio.shape[-1] < min_seconds * sr:
+        raise AudioError(
+            path, f"too short: {audio.shape[-1] / sr:.3f} s < minimum {min_seconds:g} s"
+        )
+
+
+def audio_info(path: str | os.PathLike[str]) -> sf._SoundFileInfo:
+    """Header of an audio file; AudioError if it is unreadable or not audio."""
+    try:
+        return sf.info(str(path))
+    except Exception as exc:  # soundfile raises LibsndfileError, RuntimeError, TypeError
+        raise AudioError(path, f"unreadable or not audio ({exc})") from exc
+
+
+def load_audio(
+    path: str | os.PathLike[str],
+    sr: int = SAMPLE_RATE,
+    *,
+    validate: bool = True,
+    min_seconds: Seconds | None = MIN_SECONDS,
+    max_seconds: Seconds | None = MAX_SECONDS,
+    crop_seconds: Seconds | None = None,
+) -> np.ndarray:
+    """Read a WAV/FLAC file as mono float32 at `sr`.
+
+    Multi-channel input is downmixed by averaging; other rates are resampled with soxr.
+    `crop_seconds` reads only the first part of the file. With `validate`, raises
+    AudioError for silent, too short or non-finite audio; unreadable files always raise.
+    """
+    info = audio_info(path)
+    if info.frames == 0:
+        raise AudioError(path, "zero length (no samples)")
+    duration = info.frames / info.samplerate
+    if max_seconds is not None and crop_seconds is None and duration > max_seconds:
+        raise AudioError(
+            path,
+            f"too long: {duration:.1f} s > {max_seconds:g} s; split it, or raise max_seconds "
+            "(a file is held in memory whole, 64 kB per second at 16 kHz)",
+        )
+    frames = -1 if crop_seconds is None else int(round(crop_seconds * info.samplerate))
+    try:
+        data, file_sr = sf.read(str(path), frames=frames, dtype="float32", always_2d=True)
+    except Exception as exc:
+        raise AudioError(path, f"unreadable or not audio ({exc})") from exc
+    if data.shape[1] > 1:
+        _log_once(f"downmix{data.shape[1]}", f"downmixing {data.shape[1]}-channel input to mono")
+        audio = data.mean(axis=1)
+    else:
+        audio = data[:, 0]
+    if file_sr != sr:
+        _log_once(f"sr{file_sr}", f"resampling {file_sr} Hz input to {sr} Hz")
+        if validate and not np.all(np.isfinite(audio)):
+            raise AudioError(path, "contains NaN or Inf samples")
+        audio = resample(audio, file_sr, sr)
+    if validate:
+        validate_audio(audio, path, sr, min_seconds)
+    return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def to_pcm16(audio: np.ndarray) -> np.ndarray:
+    """Float [-1, 1] to int16 with clipping and rounding (the one place samples are quantised)."""
+    clipped = np.clip(np.asarray(audio, dtype=np.float64), -1.0, 1.0)
+    return np.round(clipped * 32767.0).astype(np.int16)
+
+
+def write_wav(path: str | os.PathLike[str], audio: np.ndarray, sr: int = SAMPLE_RATE) -> Path:
+    """Write mono 16-bit PCM WAV atomically: a temp file in the same folder, then rename."""
+    audio = np.asarray(audio)
+    if audio.ndim != 1:
+        raise ValueError(f"{path}: expected mono audio, got shape {audio.shape}")
+    if not np.all(np.isfinite(audio)):
+        raise AudioError(path, "refusing to write NaN or Inf samples")
+    with atomic_path(path) as tmp:
+        sf.write(str(tmp), to_pcm16(audio), sr, subtype="PCM_16", format="WAV")
+    return Path(path)
+
+
+def list_audio_files(roots: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """All .wav/.flac files under one or more folders, recursively, in a stable sorted order."""
+    if isinstance(roots, (str, os.PathLike)):
+        roots = [roots]
+    found: list[Path] = []
+    for root in roots:
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: not a directory")
+        found.extend(
+            p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES
+        )
+    return sorted(found)
+
+
+def file_id(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> str:
+    """The contract's file id: the path relative to its input folder, with forward slashes."""
+    return Path(path).relative_to(root).as_posix()

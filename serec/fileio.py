@@ -1,0 +1,116 @@
+"""Crash-safe file writing: atomic replace for whole files, an append-only CSV for row logs.
+
+Long runs must never leave a half-written file or a broken CSV row behind, whatever
+moment they are killed at. Whole files go to a temp file in the same folder and are
+renamed over the target (atomic on POSIX). Row logs append each complete row with one
+`write` call and, on reopening, drop a trailing partial line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success rename it over `path`, else delete it."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(
+        dir=target.parent, prefix=f".{target.name}.", suffix=".tmp" + target.suffix
+    )
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
+    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def _format_rows(columns: Sequence[str], rows: Iterable[Mapping[str, Any]], header: bool) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n", extrasaction="raise")
+    if header:
+        writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _cell(v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def _cell(value: Any) -> Any:
+    # NaN is written as an empty cell so pandas, spreadsheets and csv readers agree.
+    if isinstance(value, float) and value != value:
+        return ""
+    return value
+
+
+def write_csv_atomic(
+    path: str | os.PathLike[str], columns: Sequence[str], rows: Iterable[Mapping[str, Any]]
+) -> Path:
+    """Write a whole CSV (header + rows) atomically."""
+    return write_text_atomic(path, _format_rows(columns, rows, header=True))
+
+
+class RowLog:
+    """An append-only CSV whose every row is either fully on disk or absent.
+
+    Opening an existing log checks the header and drops a trailing partial line left by
+    a kill. Each `append` is one `os.write` of whole lines followed by fsync, so a
+    SIGKILL at any moment leaves the file parseable.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], columns: Sequence[str]) -> None:
+        self.path = Path(path)
+        self.columns = list(columns)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and self.path.stat().st_size > 0:
+            self._repair()
+        else:
+            write_text_atomic(self.path, _format_rows(self.columns, [], header=True))
+
+    def _repair(self) -> None:
+        data = self.path.read_bytes()
+        header = data.split(b"\n", 1)[0].decode("utf-8")
+        if next(csv.reader([header])) != self.columns:
+            raise ValueError(
+                f"{self.path}: columns {header!r} differ from the expected {self.columns}; "
+                "it was written by another version or program (move it away or use --overwrite)"
+            )
+        if not data.endswith(b"\n"):
+            with open(self.path, "r+b") as fh:
+                fh.truncate(data.rfind(b"\n") + 1)
+
+    def append(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        text = _format_rows(self.columns, rows, header=False)
+        if not text:
+            return
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, text.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def read(self) -> list[dict[str, str]]:
+        with open(self.path, newline="", encoding="utf-8") as fh:
+            return list(csv.DictReader(fh))

@@ -246,12 +246,12 @@ def _descriptors(power: np.ndarray, duration_s: float) -> np.ndarray:
 def default_dnsmos() -> QualityScorer:
     """One DNSMOS scorer per process (ONNX sessions are costly to build, cheap to reuse)."""
     try:
-        import dnsmos
+        from dnsmos import DNSMOS
     except ImportError as exc:
         raise RuntimeError(
-            "feature set cekl_plus needs the project's dnsmos package (pip install -e .)"
+            f"feature set cekl_plus needs the project's dnsmos package ({exc})"
         ) from exc
-    return dnsmos.DNSMOS()
+    return DNSMOS()
 
 
 def _dnsmos_scores(audio: np.ndarray, scorer: QualityScorer) -> np.ndarray:

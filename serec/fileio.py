@@ -47,7 +47,10 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def _format_rows(columns: Sequence[str], rows: Iterable[Mapping[str, Any]], header: bool) -> str:
+def csv_text(
+    columns: Sequence[str], rows: Iterable[Mapping[str, Any]], header: bool = True
+) -> str:
+    """Rows as CSV text (NaN as an empty cell), exactly as the writers here put it on disk."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n", extrasaction="raise")
     if header:
@@ -68,7 +71,7 @@ def write_csv_atomic(
     path: str | os.PathLike[str], columns: Sequence[str], rows: Iterable[Mapping[str, Any]]
 ) -> Path:
     """Write a whole CSV (header + rows) atomically."""
-    return write_text_atomic(path, _format_rows(columns, rows, header=True))
+    return write_text_atomic(path, csv_text(columns, rows, header=True))
 
 
 class RowLog:
@@ -86,7 +89,7 @@ class RowLog:
         if self.path.exists() and self.path.stat().st_size > 0:
             self._repair()
         else:
-            write_text_atomic(self.path, _format_rows(self.columns, [], header=True))
+            write_text_atomic(self.path, csv_text(self.columns, [], header=True))
 
     def _repair(self) -> None:
         data = self.path.read_bytes()
@@ -101,7 +104,7 @@ class RowLog:
                 fh.truncate(data.rfind(b"\n") + 1)
 
     def append(self, rows: Iterable[Mapping[str, Any]]) -> None:
-        text = _format_rows(self.columns, rows, header=False)
+        text = csv_text(self.columns, rows, header=False)
         if not text:
             return
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)

@@ -1,0 +1,606 @@
+"""Speech + noise mixing at a target active-speech SNR: step 1 of the workflow.
+
+SNR is measured on active speech only, the way DNS-Challenge's segmental mixer does it:
+the clean signal is cut into 20 ms frames, a frame is active when its energy is within
+`ACTIVITY_RANGE_DB` of the loud frames (the 95th-percentile frame energy), and the SNR is
+the ratio of clean to noise energy summed over those frames. Pauses therefore do not
+dilute the SNR, and the same activity rule is used to set the level and to measure it.
+
+Every mixture is a pure function of (seed, index) and the sorted source lists, so the
+number of worker processes never changes a byte of the output.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import signal
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from serec.audio import (
+    SAMPLE_RATE,
+    SILENCE_PEAK,
+    AudioError,
+    list_audio_files,
+    load_audio,
+    to_pcm16,
+    write_wav,
+)
+from serec.fileio import write_csv_atomic
+from serec.runinfo import write_run_json
+
+Decibels = float
+
+FRAME_SECONDS = 0.02
+ACTIVITY_PERCENTILE = 95.0
+ACTIVITY_RANGE_DB = 30.0
+CROSSFADE_SECONDS = 0.05
+CLIP_PEAK = 0.99
+# Noise under the speech must be audible (above the silence floor) and not far quieter
+# than the rest of the segment; otherwise scaling it to the SNR would blow up the loud
+# parts and the clip guard would crush the speech. Such an offset is redrawn.
+NOISE_UNDER_SPEECH_MIN_DB = -40.0
+MAX_NOISE_DRAWS = 10
+PCM_SCALE = 32767.0
+
+DEFAULT_SNR_LEVELS: tuple[float, ...] = (-5.0, 0.0, 5.0, 10.0, 15.0, 20.0)
+DEFAULT_TARGET_LEVEL_DB = -25.0
+DEFAULT_TEST_FRACTION = 0.2
+# Corpus names are <dataset>_<speaker>_<utterance>.wav: the speaker is the second field.
+DEFAULT_SPEAKER_REGEX = r"^[^_]+_([^_]+)_"
+
+METADATA_COLUMNS = (
+    "file",
+    "clean_source",
+    "noise_source",
+    "speaker",
+    "snr_db",
+    "measured_snr_db",
+    "noise_offset_s",
+    "target_level_db",
+    "clipped",
+    "split",
+    "seed",
+)
+SKIPPED_COLUMNS = ("file", "role", "reason")
+
+# Independent random streams derived from --seed (SeedSequence spawn keys).
+_MIXTURE_STREAM = 0
+_SPLIT_STREAM = 1
+# Per-worker source cache budget: 64 M float32 samples (256 MB, about 70 min of audio).
+_CACHE_SAMPLES = 64 * 2**20
+
+log = logging.getLogger(__name__)
+
+
+class MixingError(ValueError):
+    """A mixture that cannot be made from its sources; carries the file and the reason."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+# ---------------------------------------------------------------- signal-level functions
+
+
+def frame_energies(audio: np.ndarray, frame_length: int) -> np.ndarray:
+    """Mean square of consecutive non-overlapping frames; a last partial frame counts too."""
+    x = np.asarray(audio, dtype=np.float64)
+    n_full = x.size // frame_length
+    energies = (x[: n_full * frame_length] ** 2).reshape(n_full, frame_length).mean(axis=1)
+    if x.size % frame_length:
+        energies = np.append(energies, np.mean(x[n_full * frame_length :] ** 2))
+    return energies
+
+
+def active_mask(clean: np.ndarray, sr: int = SAMPLE_RATE) -> np.ndarray:
+    """Per-sample mask of active speech: 20 ms frames within 30 dB of the loud frames.
+
+    The reference is the 95th-percentile frame energy rather than the maximum, so a
+    single click does not mark real speech as inactive. The rule depends only on
+    energy ratios, so scaling the signal does not change the mask.
+    """
+    frame_length = int(round(FRAME_SECONDS * sr))
+    energies_db = 10.0 * np.log10(frame_energies(clean, frame_length) + 1e-20)
+    threshold = np.percentile(energies_db, ACTIVITY_PERCENTILE) - ACTIVITY_RANGE_DB
+    return np.repeat(energies_db > threshold, frame_length)[: len(clean)]
+
+
+def active_snr_db(clean: np.ndarray, noise: np.ndarray, sr: int = SAMPLE_RATE) -> Decibels:
+    """SNR over the active-speech samples of `clean` (inf for a silent noise there)."""
+    mask = active_mask(clean, sr)
+    clean_energy = float(np.sum(np.asarray(clean, dtype=np.float64)[mask] ** 2))
+    noise_energy = float(np.sum(np.asarray(noise, dtype=np.float64)[mask] ** 2))
+    if noise_energy == 0.0:
+        return math.inf
+    return 10.0 * math.log10(clean_energy / noise_energy)
+
+
+def loop_noise(noise: np.ndarray, length: int, offset: int, crossfade: int) -> np.ndarray:
+    """Repeat `noise` to `length` samples starting at `offset`, with an equal-power crossfade.
+
+    The loop period is `len(noise) - crossfade`: the noise's last `crossfade` samples fade
+    out while its first ones fade in, so every seam is continuous. Equal-power (sin/cos)
+    gains keep the level of uncorrelated noise constant through the fade.
+    """
+    if not 0 < crossfade < len(noise):
+        raise ValueError(f"crossfade {crossfade} must be in (0, {len(noise)})")
+    noise = np.asarray(noise, dtype=np.float64)
+    period = len(noise) - crossfade
+    ramp = (np.arange(crossfade) + 0.5) / crossfade * (np.pi / 2)
+    cycle = noise[:period].copy()
+    cycle[:crossfade] = noise[:crossfade] * np.sin(ramp) + noise[period:] * np.cos(ramp)
+    return cycle[(offset + np.arange(length)) % period]
+
+
+def crossfade_length(noise_length: int, sr: int = SAMPLE_RATE) -> int:
+    """50 ms, or half the noise if it is shorter than 100 ms."""
+    return max(1, min(int(round(CROSSFADE_SECONDS * sr)), noise_length // 2))
+
+
+def noise_segment(
+    noise: np.ndarray, length: int, rng: np.random.Generator, sr: int = SAMPLE_RATE
+) -> tuple[np.ndarray, int]:
+    """`length` samples of noise from a random offset: cropped if long enough, else looped.
+
+    Returns the segment (float64) and the offset in samples into the noise file.
+    """
+    noise = np.asarray(noise, dtype=np.float64)
+    if len(noise) >= length:
+        offset = int(rng.integers(0, len(noise) - length + 1))
+        return noise[offset : offset + length].copy(), offset
+    crossfade = crossfade_length(len(noise), sr)
+    offset = int(rng.integers(0, len(noise) - crossfade))
+    return loop_noise(noise, length, offset, crossfade), offset
+
+
+def noise_usable_under_speech(segment: np.ndarray, mask: np.ndarray) -> bool:
+    """True if the noise under the active speech is audible and not far below its own level."""
+    under = float(np.mean(segment[mask] ** 2))
+    overall = float(np.mean(segment**2))
+    return under > SILENCE_PEAK**2 and 10.0 * math.log10(under / overall) >= NOISE_UNDER_SPEECH_MIN_DB
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """One mixture as written: float32 samples on the 16-bit grid, noisy = clean + noise."""
+
+    clean: np.ndarray
+    noise: np.ndarray
+    noisy: np.ndarray
+    clipped: bool
+    measured_snr_db: Decibels
+
+
+def mix_at_snr(
+    clean: np.ndarray,
+    noise: np.ndarray,
+    snr_db: Decibels,
+    target_level_db: Decibels = DEFAULT_TARGET_LEVEL_DB,
+    sr: int = SAMPLE_RATE,
+) -> Mixture:
+    """Scale clean to `target_level_db` (active-speech RMS, dBFS) and noise to `snr_db`.
+
+    `noise` must already have the clean's length. If any written signal would peak above
+    `CLIP_PEAK`, clean and noise are scaled together (SNR unchanged, level lower) and
+    `clipped` is set. Clean and noise are quantised to 16 bits separately and noisy is
+    their integer sum, so noisy - clean is exactly the written noise; the measured SNR is
+    taken on those quantised signals with the same activity rule.
+    """
+    if len(noise) != len(clean):
+        raise ValueError(f"noise has {len(noise)} samples, clean has {len(clean)}")
+    clean = np.asarray(clean, dtype=np.float64)
+    noise = np.asarray(noise, dtype=np.float64)
+    mask = active_mask(clean, sr)
+    clean_rms = math.sqrt(float(np.mean(clean[mask] ** 2)))
+    clean = clean * (10.0 ** (target_level_db / 20.0) / clean_rms)
+    noise_energy = float(np.mean(noise[mask] ** 2))
+    if noise_energy == 0.0:
+        raise ValueError("noise is digital silence under the active speech")
+    clean_energy = float(np.mean(clean[mask] ** 2))
+    noise = noise * math.sqrt(clean_energy / (noise_energy * 10.0 ** (snr_db / 10.0)))
+
+    peak = max(np.max(np.abs(clean)), np.max(np.abs(noise)), np.max(np.abs(clean + noise)))
+    clipped = bool(peak > CLIP_PEAK)
+    if clipped:
+        clean = clean * (CLIP_PEAK / peak)
+        noise = noise * (CLIP_PEAK / peak)
+
+    clean_pcm = to_pcm16(clean).astype(np.int32)
+    noise_pcm = to_pcm16(noise).astype(np.int32)
+    # |clean + noise| <= 0.99 so the integer sum stays inside int16 (off by at most 1 LSB).
+    noisy_pcm = clean_pcm + noise_pcm
+    clean_q = (clean_pcm / PCM_SCALE).astype(np.float32)
+    noise_q = (noise_pcm / PCM_SCALE).astype(np.float32)
+    return Mixture(
+        clean=clean_q,
+        noise=noise_q,
+        noisy=(noisy_pcm / PCM_SCALE).astype(np.float32),
+        clipped=clipped,
+        measured_snr_db=active_snr_db(clean_q, noise_q, sr),
+    )
+
+
+# ---------------------------------------------------------------- seeds, speakers, names
+
+
+def _rng(seed: int, stream: int, *key: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(stream, *key)))
+
+
+def mixture_rng(seed: int, index: int) -> np.random.Generator:
+    """The random stream of mixture `index`: independent of worker count and order."""
+    return _rng(seed, _MIXTURE_STREAM, index)
+
+
+def compile_speaker_regex(pattern: str) -> re.Pattern[str]:
+    """Compile `--speaker_regex`; ValueError unless it is valid with exactly one group."""
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"--speaker_regex {pattern!r} is not a valid regex: {exc}") from exc
+    if compiled.groups != 1:
+        raise ValueError(
+            f"--speaker_regex {pattern!r} has {compiled.groups} capture groups; it needs "
+            "exactly one, around the speaker id"
+        )
+    return compiled
+
+
+def speaker_of(path: str | Path, pattern: re.Pattern[str]) -> str:
+    """The speaker id: the regex's group, searched in the file name (not the folders)."""
+    name = Path(path).name
+    match = pattern.search(name)
+    if match is None or not match.group(1):
+        raise MixingError(
+            path,
+            f"file name does not match --speaker_regex {pattern.pattern!r} "
+            "(pass a regex whose one group captures the speaker id)",
+        )
+    return match.group(1)
+
+
+def split_speakers(speakers: Iterable[str], test_fraction: float, seed: int) -> dict[str, str]:
+    """Assign each speaker to `train` or `test`; `test_fraction` of the speakers go to test.
+
+    Deterministic in (speakers, fraction, seed). With at least two speakers and
+    0 < fraction < 1, both splits get at least one speaker.
+    """
+    unique = sorted(set(speakers))
+    n = len(unique)
+    n_test = math.floor(test_fraction * n + 0.5)
+    if n >= 2 and 0 < test_fraction < 1:
+        n_test = min(max(n_test, 1), n - 1)
+    order = _rng(seed, _SPLIT_STREAM).permutation(n)
+    test = {unique[i] for i in order[:n_test]}
+    return {spk: ("test" if spk in test else "train") for spk in unique}
+
+
+def _safe_stem(path: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", path.stem).strip("_.")[:64] or "audio"
+
+
+def mixture_name(clean: Path, noise: Path, snr_db: Decibels, index: int) -> str:
+    """`<clean stem>__<noise stem>__snr<+g>_<index:05d>.wav`, restricted to [A-Za-z0-9._+-]."""
+    return f"{_safe_stem(clean)}__{_safe_stem(noise)}__snr{snr_db:+g}_{index:05d}.wav"
+
+
+# ---------------------------------------------------------------- the mixing run
+
+
+@dataclass(frozen=True)
+class MixingConfig:
+    """Everything that determines a mixing run; field names match the CLI flags."""
+
+    clean_dir: tuple[Path, ...]
+    noise_dir: tuple[Path, ...]
+    output_dir: Path
+    num_mixtures: int | None = None
+    snr_levels: tuple[float, ...] = DEFAULT_SNR_LEVELS
+    snr_range: tuple[float, float] | None = None
+    target_level_db: Decibels = DEFAULT_TARGET_LEVEL_DB
+    target_level_jitter: Decibels = 0.0
+    seed: int = 0
+    test_fraction: float = DEFAULT_TEST_FRACTION
+    speaker_regex: str = DEFAULT_SPEAKER_REGEX
+    save_noise: bool = False
+    num_workers: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "clean_dir", tuple(Path(p) for p in self.clean_dir))
+        object.__setattr__(self, "noise_dir", tuple(Path(p) for p in self.noise_dir))
+        object.__setattr__(self, "output_dir", Path(self.output_dir))
+        object.__setattr__(self, "snr_levels", tuple(float(s) for s in self.snr_levels))
+        if not self.clean_dir or not self.noise_dir:
+            raise ValueError("need at least one --clean_dir and one --noise_dir")
+        if self.num_mixtures is not None and self.num_mixtures < 1:
+            raise ValueError(f"--num_mixtures must be >= 1, got {self.num_mixtures}")
+        if self.snr_range is not None:
+            lo, hi = self.snr_range
+            if not lo <= hi:
+                raise ValueError(f"--snr_range needs LO <= HI, got {lo} {hi}")
+        elif not self.snr_levels:
+            raise ValueError("--snr_levels needs at least one value")
+        if not all(math.isfinite(s) for s in (*self.snr_levels, *(self.snr_range or ()))):
+            raise ValueError("SNRs must be finite numbers")
+        if self.target_level_jitter < 0:
+            raise ValueError(f"--target_level_jitter must be >= 0, got {self.target_level_jitter}")
+        if not 0.0 <= self.test_fraction <= 1.0:
+            raise ValueError(f"--test_fraction must be in [0, 1], got {self.test_fraction}")
+        if self.num_workers < 1:
+            raise ValueError(f"--num_workers must be >= 1, got {self.num_workers}")
+        compile_speaker_regex(self.speaker_regex)
+
+
+@dataclass(frozen=True)
+class MixtureTask:
+    index: int
+    clean_source: Path
+    speaker: str
+    split: str
+
+
+@dataclass
+class MixingSummary:
+    """What a run produced: metadata rows, skipped sources/mixtures, and where they went."""
+
+    output_dir: Path
+    requested: int
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    stray_files: int = 0
+
+    @property
+    def made(self) -> int:
+        return len(self.rows)
+
+    @property
+    def exit_status(self) -> int:
+        """0: everything made, nothing skipped; 1: output written but something skipped;
+        2: nothing could be made."""
+        if self.made == 0:
+            return 2
+        return 1 if self.skipped or self.made < self.requested else 0
+
+
+class _SourceCache:
+    """Loaded, validated sources kept in memory up to a sample budget (least recently used out)."""
+
+    def __init__(self, max_samples: int = _CACHE_SAMPLES) -> None:
+        self.max_samples = max_samples
+        self._items: OrderedDict[Path, np.ndarray] = OrderedDict()
+        self._samples = 0
+
+    def load(self, path: Path) -> np.ndarray:
+        if path in self._items:
+            self._items.move_to_end(path)
+            return self._items[path]
+        audio = load_audio(path)
+        self._items[path] = audio
+        self._samples += audio.size
+        while self._samples > self.max_samples and len(self._items) > 1:
+            _, dropped = self._items.popitem(last=False)
+            self._samples -= dropped.size
+        return audio
+
+
+class _Mixer:
+    """Makes one mixture per task; one instance per worker process."""
+
+    def __init__(self, config: MixingConfig, noise_files: Sequence[Path]) -> None:
+        self.config = config
+        self.noise_files = list(noise_files)
+        self.cache = _SourceCache()
+
+    def check_source(self, item: tuple[str, Path]) -> tuple[str, Path, str | None]:
+        role, path = item
+        try:
+            self.cache.load(path)
+        except AudioError as exc:
+            return role, path, exc.reason
+        return role, path, None
+
+    def _draw_snr(self, rng: np.random.Generator) -> Decibels:
+        if self.config.snr_range is not None:
+            return round(float(rng.uniform(*self.config.snr_range)), 2)
+        return float(self.config.snr_levels[int(rng.integers(len(self.config.snr_levels)))])
+
+    def make(self, task: MixtureTask) -> tuple[int, dict[str, Any] | None, dict[str, str] | None]:
+        cfg = self.config
+        rng = mixture_rng(cfg.seed, task.index)
+        noise_path = self.noise_files[int(rng.integers(len(self.noise_files)))]
+        snr_db = self._draw_snr(rng)
+        jitter = float(rng.uniform(-cfg.target_level_jitter, cfg.target_level_jitter))
+        target_level_db = round(cfg.target_level_db + jitter, 3)
+        name = mixture_name(task.clean_source, noise_path, snr_db, task.index)
+        try:
+            clean = self.cache.load(task.clean_source)
+            noise = self.cache.load(noise_path)
+            mask = active_mask(clean)
+            for _ in range(MAX_NOISE_DRAWS):
+                segment, offset = noise_segment(noise, len(clean), rng)
+                if noise_usable_under_speech(segment, mask):
+                    break
+            else:
+                raise MixingError(
+                    noise_path,
+                    f"silent or far quieter than elsewhere under the speech of "
+                    f"{task.clean_source} at {MAX_NOISE_DRAWS} random offsets",
+                )
+            mixture = mix_at_snr(clean, segment, snr_db, target_level_db)
+        except (AudioError, MixingError) as exc:
+            return task.index, None, {"file": name, "role": "mixture", "reason": str(exc)}
+
+        out = cfg.output_dir
+        write_wav(out / "clean" / name, mixture.clean)
+        if cfg.save_noise:
+            write_wav(out / "noise" / name, mixture.noise)
+        # noisy last: a noisy file on disk means its clean reference is complete.
+        write_wav(out / "noisy" / name, mixture.noisy)
+        row = {
+            "file": name,
+            "clean_source": str(task.clean_source),
+            "noise_source": str(noise_path),
+            "speaker": task.speaker,
+            "snr_db": snr_db,
+            "measured_snr_db": round(mixture.measured_snr_db, 4) + 0.0,  # no "-0.0"
+            "noise_offset_s": round(offset / SAMPLE_RATE, 6),
+            "target_level_db": target_level_db,
+            "clipped": mixture.clipped,
+            "split": task.split,
+            "seed": cfg.seed,
+        }
+        return task.index, row, None
+
+
+_worker_mixer: _Mixer | None = None
+
+
+def _raise_system_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _init_worker(config: MixingConfig, noise_files: Sequence[Path]) -> None:
+    global _worker_mixer
+    # The parent handles Ctrl-C and then terminates the pool with SIGTERM; turning that
+    # into SystemExit lets a half-written temp file be removed on the way out.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _raise_system_exit)
+    _worker_mixer = _Mixer(config, noise_files)
+
+
+def _call_worker(method: str, item: Any) -> Any:
+    assert _worker_mixer is not None
+    return getattr(_worker_mixer, method)(item)
+
+
+def _run_all(
+    config: MixingConfig,
+    local: _Mixer | None,
+    noise_files: Sequence[Path],
+    method: str,
+    items: Sequence[Any],
+    desc: str,
+) -> list[Any]:
+    """Apply a _Mixer method to every item, in this process (`local`) or in a worker pool."""
+    progress = {"total": len(items), "desc": desc, "unit": "file", "leave": False}
+    if local is not None:
+        return list(tqdm(map(getattr(local, method), items), **progress))
+    chunksize = max(1, len(items) // (8 * config.num_workers))
+    with Pool(config.num_workers, initializer=_init_worker, initargs=(config, noise_files)) as pool:
+        results = pool.imap_unordered(partial(_call_worker, method), items, chunksize=chunksize)
+        return list(tqdm(results, **progress))
+
+
+def _unique_files(roots: Sequence[Path]) -> list[Path]:
+    seen: dict[Path, Path] = {}
+    for path in list_audio_files(roots):
+        seen.setdefault(path.resolve(), path)
+    return sorted(seen.values())
+
+
+def _remove_stale_outputs(output_dir: Path) -> None:
+    # A metadata.csv left by an earlier run would describe files this run overwrites.
+    for name in ("metadata.csv", "skipped.csv"):
+        (output_dir / name).unlink(missing_ok=True)
+    # Temp files a SIGKILL left behind (atomic_path names them .<name>.<random>.tmp.wav).
+    for sub in ("clean", "noise", "noisy"):
+        for tmp in (output_dir / sub).glob(".*.tmp.wav"):
+            tmp.unlink(missing_ok=True)
+
+
+def _count_stray_files(output_dir: Path, names: set[str]) -> int:
+    return sum(
+        1
+        for sub in ("clean", "noise", "noisy")
+        for path in (output_dir / sub).glob("*.wav")
+        if path.name not in names
+    )
+
+
+def _skip(role: str, path: Path | str, reason: str) -> dict[str, str]:
+    log.warning("skipping %s %s: %s", role, path, reason)
+    return {"file": str(path), "role": role, "reason": reason}
+
+
+def run_mixing(config: MixingConfig) -> MixingSummary:
+    """Validate the sources, make the mixtures, write metadata.csv, skipped.csv and run.json.
+
+    Bad sources (unreadable, silent, too short, NaN, name not matching the speaker
+    regex) and mixtures that cannot be made are logged, recorded in skipped.csv and left
+    out; the run goes on. metadata.csv is written once at the end, atomically. With one
+    worker everything runs in this process and each source is loaded once; with more,
+    each worker loads a source at most once.
+    """
+    out = config.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_stale_outputs(out)
+    pattern = compile_speaker_regex(config.speaker_regex)
+    clean_files = _unique_files(config.clean_dir)
+    noise_files = _unique_files(config.noise_dir)
+    local = _Mixer(config, []) if config.num_workers == 1 else None
+
+    sources = [("clean", p) for p in clean_files] + [("noise", p) for p in noise_files]
+    checked = _run_all(config, local, [], "check_source", sources, "checking sources")
+    bad = {path: reason for _role, path, reason in checked if reason is not None}
+    skipped = [_skip(role, path, bad[path]) for role, path in sources if path in bad]
+
+    speakers: dict[Path, str] = {}
+    for path in clean_files:
+        if path not in bad:
+            try:
+                speakers[path] = speaker_of(path, pattern)
+            except MixingError as exc:
+                skipped.append(_skip("clean", path, exc.reason))
+    good_clean = sorted(speakers)
+    good_noise = [p for p in noise_files if p not in bad]
+
+    requested = config.num_mixtures if config.num_mixtures is not None else len(good_clean)
+    summary = MixingSummary(output_dir=out, requested=requested, skipped=skipped)
+    if not good_clean or not good_noise:
+        log.error("no usable %s files: nothing to mix", "clean" if not good_clean else "noise")
+    else:
+        if local is not None:
+            local.noise_files = good_noise
+        split_of = split_speakers(speakers.values(), config.test_fraction, config.seed)
+        tasks = []
+        for index in range(requested):
+            clean = good_clean[index % len(good_clean)]
+            tasks.append(MixtureTask(index, clean, speakers[clean], split_of[speakers[clean]]))
+        results = _run_all(config, local, good_noise, "make", tasks, "mixing")
+        for _index, row, skip in sorted(results, key=lambda result: result[0]):
+            if row is not None:
+                summary.rows.append(row)
+            else:
+                skipped.append(_skip(skip["role"], skip["file"], skip["reason"]))
+
+    write_csv_atomic(out / "skipped.csv", SKIPPED_COLUMNS, skipped)
+    write_csv_atomic(out / "metadata.csv", METADATA_COLUMNS, summary.rows)
+    summary.stray_files = _count_stray_files(out, {row["file"] for row in summary.rows})
+    if summary.stray_files:
+        log.warning(
+            "%d wav files under %s are not listed in metadata.csv (left by an earlier run "
+            "with other flags?)",
+            summary.stray_files,
+            out,
+        )
+    write_run_json(
+        out,
+        asdict(config),
+        mixtures_requested=summary.requested,
+        mixtures_made=summary.made,
+        skipped=len(skipped),
+    )
+    return summary

@@ -5,7 +5,8 @@ order, feature set, parameters), OUTPUT/errors.csv (files that could not be used
 and OUTPUT/run.json. A re-run skips files that already have a valid vector.
 
 Exit status: 0 when every file has a vector, 1 when any file failed (see errors.csv),
-2 for bad arguments or an output folder made with other feature settings.
+2 for bad arguments, a missing dnsmos package (cekl_plus) or an output folder made
+with other feature settings.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             recursive=recursive,
         )
-    except (FeatureConfigError, FileNotFoundError, ValueError) as exc:
+    except (FeatureConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     write_run_json(args.output_base_dir, args, summary=vars(summary))

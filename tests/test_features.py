@@ -100,6 +100,19 @@ def test_spectrogram_matches_direct_framing_and_librosa(rng: np.random.Generator
     np.testing.assert_allclose(power, reference, rtol=0, atol=1e-9 * scale)
 
 
+def test_spectrogram_matches_torch_stft(rng: np.random.Generator) -> None:
+    # torchaudio's Spectrogram is torch.stft with these defaults (torchaudio is not installable).
+    torch = pytest.importorskip("torch")
+    audio = _clip(rng)
+    reference = torch.stft(
+        torch.from_numpy(audio.astype(np.float64)), 1024, 512,
+        window=torch.hann_window(1024, dtype=torch.float64), center=True, pad_mode="reflect",
+        normalized=False, onesided=True, return_complex=True,
+    ).abs().pow(2).numpy()  # fmt: skip
+    power = spectrogram_power(audio)
+    np.testing.assert_allclose(power, reference, rtol=0, atol=1e-12 * power.max())
+
+
 def test_spectrogram_rejects_too_short_audio() -> None:
     with pytest.raises(ValueError, match="too short"):
         spectrogram_power(np.ones(512))

@@ -30,6 +30,9 @@ MAX_SECONDS = 3600.0
 # a few LSB (about -90 dBFS) and nothing audible is that quiet.
 SILENCE_PEAK = 1e-4
 AUDIO_SUFFIXES = (".wav", ".flac")
+# to_pcm16 maps float x to round(x * PCM16_SCALE); k / PCM16_SCALE is the float that
+# write_wav turns back into exactly k (callers that build int16 signals use it).
+PCM16_SCALE = 32767.0
 
 Seconds = float
 
@@ -136,7 +139,7 @@ def load_audio(
 def to_pcm16(audio: np.ndarray) -> np.ndarray:
     """Float [-1, 1] to int16 with clipping and rounding (the one place samples are quantised)."""
     clipped = np.clip(np.asarray(audio, dtype=np.float64), -1.0, 1.0)
-    return np.round(clipped * 32767.0).astype(np.int16)
+    return np.round(clipped * PCM16_SCALE).astype(np.int16)
 
 
 def write_wav(path: str | os.PathLike[str], audio: np.ndarray, sr: int = SAMPLE_RATE) -> Path:

@@ -28,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from serec.audio import (
+    PCM16_SCALE,
     SAMPLE_RATE,
     SILENCE_PEAK,
     AudioError,
@@ -51,7 +52,6 @@ CLIP_PEAK = 0.99
 # parts and the clip guard would crush the speech. Such an offset is redrawn.
 NOISE_UNDER_SPEECH_MIN_DB = -40.0
 MAX_NOISE_DRAWS = 10
-PCM_SCALE = 32767.0
 
 DEFAULT_SNR_LEVELS: tuple[float, ...] = (-5.0, 0.0, 5.0, 10.0, 15.0, 20.0)
 DEFAULT_TARGET_LEVEL_DB = -25.0
@@ -222,12 +222,12 @@ def mix_at_snr(
     noise_pcm = to_pcm16(noise).astype(np.int32)
     # |clean + noise| <= 0.99 so the integer sum stays inside int16 (off by at most 1 LSB).
     noisy_pcm = clean_pcm + noise_pcm
-    clean_q = (clean_pcm / PCM_SCALE).astype(np.float32)
-    noise_q = (noise_pcm / PCM_SCALE).astype(np.float32)
+    clean_q = (clean_pcm / PCM16_SCALE).astype(np.float32)
+    noise_q = (noise_pcm / PCM16_SCALE).astype(np.float32)
     return Mixture(
         clean=clean_q,
         noise=noise_q,
-        noisy=(noisy_pcm / PCM_SCALE).astype(np.float32),
+        noisy=(noisy_pcm / PCM16_SCALE).astype(np.float32),
         clipped=clipped,
         measured_snr_db=active_snr_db(clean_q, noise_q, sr),
     )

@@ -1,0 +1,48 @@
+"""Speech-enhancement models by name: built-in CPU enhancers and adapters for upstream repos."""
+
+from serec.enhancers.base import (
+    EnhancementError,
+    Enhancer,
+    EnhancerUnavailable,
+    ModelsConfigError,
+    Option,
+)
+from serec.enhancers.builtin import BuiltinEnhancer
+from serec.enhancers.config import load_models_config
+from serec.enhancers.external import SGMSE, CDiffuSE, ExternalEnhancer, StoRM
+from serec.enhancers.registry import (
+    available_enhancers,
+    create_enhancer,
+    enhancer_class,
+    register_enhancer,
+)
+
+# The built-ins the enhancement driver runs by default, in a stable order. `none`
+# (passthrough) is registered but not a default: its scores would duplicate the `noisy`
+# row that every run records anyway; ask for it by name to make "leave it" a label.
+DEFAULT_MODELS: tuple[str, ...] = (
+    "rnnoise",
+    "webrtc",
+    "speex",
+    "spectral_gating",
+    "spectral_gating_stationary",
+)
+
+__all__ = [
+    "DEFAULT_MODELS",
+    "BuiltinEnhancer",
+    "CDiffuSE",
+    "ExternalEnhancer",
+    "SGMSE",
+    "StoRM",
+    "Enhancer",
+    "EnhancementError",
+    "EnhancerUnavailable",
+    "ModelsConfigError",
+    "Option",
+    "available_enhancers",
+    "create_enhancer",
+    "enhancer_class",
+    "load_models_config",
+    "register_enhancer",
+]

@@ -64,8 +64,8 @@ def _type_ok(value: Any, kind: type | tuple[type, ...]) -> bool:
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
-    names = {str: "string", int: "integer", float: "number", bool: "boolean",
-             list: "list of strings", dict: "table of strings"}
+    names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean (true/false)",
+             list: "a list of strings", dict: "a table of strings"}
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
@@ -163,7 +163,7 @@ def validate_options(
         option = allowed[key]
         if not _type_ok(value, option.kind):
             raise ModelsConfigError(
-                f"{source}: [{name}] {key} must be a {_kind_name(option.kind)}, got {value!r}"
+                f"{source}: [{name}] {key} must be {_kind_name(option.kind)}, got {value!r}"
             )
         if option.choices is not None and value not in option.choices:
             raise ModelsConfigError(

@@ -218,11 +218,14 @@ class SpectralGating(BuiltinEnhancer):
         "n_std_thresh_stationary": Option(float, 1.5, "stationary: threshold in std devs above the noise mean"),
     }
 
+    # noisereduce's STFT (n_fft 1024) fails on shorter inputs; these get zero-padded.
+    min_samples: ClassVar[int] = 4096
+
     def process(self, audio: np.ndarray) -> np.ndarray:
         import noisereduce
 
         out = noisereduce.reduce_noise(
-            y=audio,
+            y=fit_length(audio, max(audio.size, self.min_samples)),
             sr=self.native_sr,
             stationary=self.config["stationary"],
             prop_decrease=self.config["prop_decrease"],
@@ -231,7 +234,7 @@ class SpectralGating(BuiltinEnhancer):
             n_jobs=1,
             use_tqdm=False,
         )
-        return np.asarray(out, dtype=np.float32)
+        return np.asarray(out[: audio.size], dtype=np.float32)
 
 
 @register_enhancer("spectral_gating_stationary")

@@ -1,0 +1,247 @@
+"""Recommender protocol: groups, shared folds, inner validation, fbank cache, sampler, scaler."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from serec import training
+from serec.audio import write_wav
+from serec.features import feature_path
+from serec.models import FbankSpec, compute_fbank, load_checkpoint, predict_proba
+from serec.synth import speech_like
+from serec.training import (
+    FbankCache,
+    RecommenderConfig,
+    RecommenderError,
+    file_groups,
+    inner_validation_mask,
+    load_or_make_folds,
+    make_folds,
+    read_labels,
+    stage_task,
+    train_stage,
+)
+
+LABELS = ["SGMSE"] * 5 + ["StoRM"] * 3 + ["All_Failed"] * 2  # per speaker, shuffled
+
+
+def labelled_files(n_speakers: int = 20, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in range(n_speakers):
+        for u, label in enumerate(rng.permutation(LABELS)):
+            rows.append(
+                {
+                    "file": f"so762_spk{s:04d}_{u:04d}__pink__snr+5_{s * 10 + u:05d}.wav",
+                    "label": label,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def write_labels(path: Path, table: pd.DataFrame) -> Path:
+    table.assign(best_model=table.label, best_ovr=3.0).to_csv(path, index=False)
+    return path
+
+
+def test_groups_from_metadata_file_names_or_files(tmp_path):
+    files = ["a.wav", "b.wav", "c.wav"]
+    meta = pd.DataFrame(
+        {"file": files, "clean_source": ["x.wav", "y.wav", "y.wav"], "speaker": ["s1", "", "s1"]}
+    )
+    meta.to_csv(tmp_path / "metadata.csv", index=False)
+    groups, how = file_groups(files, tmp_path / "metadata.csv")
+    assert list(groups) == ["s1", "clean:y.wav", "s1"] and "metadata.csv" in how
+    with pytest.raises(RecommenderError, match="not in the metadata"):
+        file_groups(["a.wav", "zzz.wav"], tmp_path / "metadata.csv")
+    names = ["so762_spk0001_0001__pink__snr+5_00001.wav", "sub/so762_spk0002_0003.wav", "odd.wav"]
+    groups, how = file_groups(names)
+    assert list(groups) == ["spk0001", "spk0002", "file:odd.wav"] and "grouped alone" in how
+
+
+def test_folds_are_stratified_grouped_and_deterministic():
+    table = labelled_files()
+    groups, _ = file_groups(list(table.file))
+    folds = make_folds(table.label, groups, n_folds=5, seed=42)
+    assert sorted(set(folds)) == [1, 2, 3, 4, 5]
+    for speaker in set(groups):
+        assert len(set(folds[groups == speaker])) == 1, "a speaker is on two folds"
+    overall = Counter(table.label)
+    for k in range(1, 6):
+        in_fold = Counter(table.label[folds == k])
+        assert sum(in_fold.values()) == 40
+        for label, count in overall.items():
+            assert in_fold[label] == count / 5  # 4 speakers per fold, identical label mix
+    np.testing.assert_array_equal(folds, make_folds(table.label, groups, 5, 42))
+    assert not np.array_equal(folds, make_folds(table.label, groups, 5, 7))
+    with pytest.raises(RecommenderError, match="speaker groups"):
+        make_folds(table.label[:20], groups[:20], n_folds=5, seed=0)
+
+
+def test_folds_are_written_once_and_reused_or_refused(tmp_path):
+    table = labelled_files().sort_values("file").reset_index(drop=True)
+    groups, how = file_groups(list(table.file))
+    folds = load_or_make_folds(tmp_path, table, groups, how, 5, 42)
+    written = pd.read_csv(tmp_path / "folds.csv")
+    assert list(written.columns) == ["file", "fold"]
+    assert json.loads((tmp_path / "folds.json").read_text())["seed"] == 42
+    # A later stage (any seed for its models) gets exactly these folds back, even if the
+    # grouping code would now split differently.
+    (tmp_path / "folds.csv").write_text(
+        written.assign(fold=written.fold % 5 + 1).to_csv(index=False)
+    )
+    reused = load_or_make_folds(tmp_path, table, groups, how, 5, 42)
+    np.testing.assert_array_equal(reused, folds % 5 + 1)
+    relabelled = table.copy()
+    relabelled.loc[3, "label"] = "StoRM" if table.label[3] != "StoRM" else "SGMSE"
+    with pytest.raises(RecommenderError, match="labels_sha256"):
+        load_or_make_folds(tmp_path, relabelled, groups, how, 5, 42)
+    with pytest.raises(RecommenderError, match="seed"):
+        load_or_make_folds(tmp_path, table, groups, how, 5, 1)
+    with pytest.raises(RecommenderError, match="files differ"):
+        load_or_make_folds(tmp_path, table.iloc[1:], groups[1:], how, 5, 42)
+
+
+def test_inner_validation_is_grouped_and_inside_the_training_part():
+    table = labelled_files()
+    groups, _ = file_groups(list(table.file))
+    labels = table.label.to_numpy()
+    folds = make_folds(labels, groups, 5, 42)
+    held_out = folds == 2
+    val = inner_validation_mask(labels, groups, ~held_out, seed=44)
+    assert val.any() and not (val & held_out).any()
+    fit = ~held_out & ~val
+    assert not set(groups[val]) & set(groups[fit])
+    assert set(labels[val]) == set(labels)
+    np.testing.assert_array_equal(val, inner_validation_mask(labels, groups, ~held_out, seed=44))
+
+
+def test_stage_tasks():
+    classes = ["All_Failed", "SGMSE", "StoRM"]
+    gk = stage_task("gatekeeper", classes, "SGMSE")
+    assert gk.class_names == ["SGMSE", "not_SGMSE"]
+    assert list(gk.targets(["SGMSE", "StoRM", "All_Failed"])) == [0, 1, 1]
+    expert = stage_task("expert", classes, "SGMSE")
+    assert expert.class_names == ["All_Failed", "StoRM"]
+    assert list(expert.targets(["SGMSE", "StoRM", "All_Failed"])) == [-1, 1, 0]
+    assert stage_task("single", classes, "SGMSE").class_names == classes
+    with pytest.raises(RecommenderError, match="at least two labels"):
+        stage_task("expert", ["A", "B"], "A")
+    with pytest.raises(RecommenderError, match="not a label"):
+        stage_task("single", classes, "CDiffuSE")
+
+
+def test_read_labels_rejects_bad_tables(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("file,label\na.wav,X\na.wav,Y\n")
+    with pytest.raises(RecommenderError, match="listed twice"):
+        read_labels(path)
+    path.write_text("file,label\na.wav,X\nb.wav,\n")
+    with pytest.raises(RecommenderError, match="without a label"):
+        read_labels(path)
+    path.write_text("file,best\na.wav,X\n")
+    with pytest.raises(RecommenderError, match="not a labels.csv"):
+        read_labels(path)
+
+
+def test_weighted_sampler_balances_classes():
+    targets = np.array([0] * 90 + [1] * 10)
+    generator = torch.Generator().manual_seed(0)
+    drawn = np.concatenate(
+        [targets[training._batch_order(targets, True, generator).numpy()] for _ in range(20)]
+    )
+    assert 0.45 < drawn.mean() < 0.55
+    plain = training._batch_order(targets, False, generator).numpy()
+    assert sorted(plain) == list(range(100))
+
+
+def test_fbank_cache_computes_once_and_records_bad_files(tmp_path, rng, monkeypatch):
+    audio_dir = tmp_path / "noisy"
+    write_wav(audio_dir / "a.wav", speech_like(rng, 1.0))
+    write_wav(audio_dir / "sub" / "b.wav", speech_like(rng, 0.8))
+    write_wav(audio_dir / "silent.wav", np.zeros(16000, dtype=np.float32))
+    spec = FbankSpec(num_mel_bins=64, max_length=80)
+    calls = []
+    monkeypatch.setattr(
+        training, "compute_fbank", lambda a, s: calls.append(1) or compute_fbank(a, s)
+    )
+    cache = FbankCache(tmp_path / "cache", spec, audio_dir)
+    files = ["a.wav", "sub/b.wav", "silent.wav", "missing.wav"]
+    values, errors = cache.load(files)
+    assert len(calls) == 2 and set(errors) == {"silent.wav", "missing.wav"}
+    assert "silent" in errors["silent.wav"]
+    again, _ = cache.load(files)
+    assert len(calls) == 2, "cached inputs were recomputed"
+    np.testing.assert_array_equal(again, values)
+    # Newer audio invalidates its cached input only.
+    later = os.stat(audio_dir / "a.wav").st_mtime_ns + 10**9
+    os.utime(audio_dir / "a.wav", ns=(later, later))
+    cache.load(files)
+    assert len(calls) == 3
+    assert FbankCache(tmp_path / "cache", FbankSpec(64, 90), audio_dir).folder != cache.folder
+
+
+def write_features(feat_dir: Path, table: pd.DataFrame, rng: np.random.Generator) -> np.ndarray:
+    names = [f"f{i}" for i in range(4)]
+    (feat_dir).mkdir(parents=True)
+    (feat_dir / "features.json").write_text(
+        json.dumps({"names": names, "feature_set": "test", "params": {}})
+    )
+    matrix = rng.normal(size=(len(table), 4)).astype(np.float32) * [1, 5, 50, 0.5] + [0, 3, 100, -1]
+    # Make the first speaker's files extreme, so a scaler that saw them is visibly off.
+    matrix[table.file.str.contains("spk0000")] += 1000
+    for fid, vector in zip(table.file, matrix.astype(np.float32), strict=True):
+        np.save(feature_path(feat_dir, fid), vector)
+    return matrix.astype(np.float32)
+
+
+def test_scaler_and_model_see_only_the_training_part(tmp_path, rng):
+    table = labelled_files(n_speakers=10)
+    labels_csv = write_labels(tmp_path / "labels.csv", table)
+    matrix = write_features(tmp_path / "feat", table, rng)
+    cfg = RecommenderConfig(
+        labels_csv=labels_csv,
+        output_dir=tmp_path / "rec",
+        cekl_features_base_dir=tmp_path / "feat",
+        feature_type="cekl",
+        n_folds=5,
+    )
+    result = train_stage(cfg, "single")
+    folds = pd.read_csv(tmp_path / "rec" / "folds.csv").set_index("file").fold
+    by_file = dict(zip(table.file, matrix, strict=True))
+    for fold_result in result.folds:
+        model, meta = load_checkpoint(fold_result.checkpoint)
+        assert meta["stage"] == "single" and meta["fold"] == fold_result.fold
+        held_out = set(folds.index[folds == fold_result.fold])
+        inner_val = set(meta["inner_val_files"])
+        fit = [f for f in folds.index if f not in held_out and f not in inner_val]
+        assert not inner_val & held_out and meta["n_train_files"] == len(fit)
+        fit_matrix = np.stack([by_file[f] for f in fit])
+        np.testing.assert_allclose(meta["scaler_mean"].numpy(), fit_matrix.mean(axis=0), rtol=1e-5)
+        np.testing.assert_allclose(meta["scaler_scale"].numpy(), fit_matrix.std(axis=0), rtol=1e-4)
+        assert set(fold_result.files) == held_out
+        test_matrix = np.stack([by_file[f] for f in fold_result.files])
+        np.testing.assert_allclose(
+            predict_proba(model, meta, features=test_matrix), fold_result.proba, atol=1e-6
+        )
+    # The fold holding speaker 0 must have a scaler that never saw its +1000 offset.
+    spk0_fold = int(folds[table.file[0]])
+    meta = load_checkpoint(result.folds[spk0_fold - 1].checkpoint)[1]
+    assert meta["scaler_mean"][0] < 100
+
+
+def test_config_refuses_templates_without_fold(tmp_path):
+    with pytest.raises(RecommenderError, match="no \\{fold\\}"):
+        RecommenderConfig(
+            labels_csv=tmp_path / "l.csv", output_dir=tmp_path, expert_model_path="e.pth"
+        )
+    with pytest.raises(RecommenderError, match="numbered 1..5"):
+        RecommenderConfig(labels_csv=tmp_path / "l.csv", output_dir=tmp_path, folds=[0, 2])

@@ -246,20 +246,24 @@ def _descriptors(power: np.ndarray, duration_s: float) -> np.ndarray:
     )
 
 
-def _dnsmos_class() -> type:
+def build_dnsmos(num_threads: int | None = None) -> QualityScorer:
+    """A `dnsmos.DNSMOS` scorer; RuntimeError (with the reason) when it cannot be had."""
     try:
         from dnsmos import DNSMOS
     except ImportError as exc:
         raise RuntimeError(
             f"feature set cekl_plus needs the project's dnsmos package ({exc})"
         ) from exc
-    return DNSMOS
+    try:
+        return DNSMOS(num_threads=num_threads)
+    except Exception as exc:  # a missing or wrong model file: one clear line for the CLI
+        raise RuntimeError(f"feature set cekl_plus: DNSMOS unavailable ({exc})") from exc
 
 
 @cache
 def default_dnsmos() -> QualityScorer:
     """One DNSMOS scorer per process (ONNX sessions are costly to build, cheap to reuse)."""
-    return _dnsmos_class()()
+    return build_dnsmos()
 
 
 def _dnsmos_scores(audio: np.ndarray, scorer: QualityScorer) -> np.ndarray:
@@ -438,17 +442,25 @@ class _Job:
     target: Path
 
 
-def _single_blas_thread() -> None:
+# The DNSMOS scorer of a pool worker, set once by its initializer: passing it with every
+# task would re-pickle it, and its ONNX sessions would be rebuilt for each chunk.
+_worker_dnsmos: QualityScorer | None = None
+
+
+def _init_worker(dnsmos: QualityScorer | None) -> None:
+    global _worker_dnsmos
+    _worker_dnsmos = dnsmos
     # Parallelism comes from --num_workers. A multi-threaded BLAS on these small matrices
     # (frames x frames, at most 626 x 626) was 2-20x slower on a busy 2-core machine.
     threadpool_limits(1)
 
 
 def _compute_job(
-    job: _Job, feature_set: str, max_seconds: Seconds | None
+    job: _Job, feature_set: str, max_seconds: Seconds | None, dnsmos: QualityScorer | None = None
 ) -> tuple[str, str | None]:
+    scorer = dnsmos if dnsmos is not None else _worker_dnsmos
     try:
-        vector = file_features(job.source, feature_set, max_seconds)
+        vector = file_features(job.source, feature_set, max_seconds, scorer)
         with atomic_path(job.target) as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, vector, allow_pickle=False)
@@ -550,10 +562,14 @@ def run_feature_extraction(
         if not overwrite:
             raise
         settings_changed = True
-    if spec.needs_dnsmos:
-        # Fail before touching the folder if DNSMOS is missing; the scorer itself is built
-        # lazily in each worker, since ONNX sessions do not survive a fork.
-        _dnsmos_class()
+    workers = max(1, min(num_workers, len(sources)))
+    # Built here so a missing package or model fails before the folder is touched; its
+    # ONNX sessions are created on first use, in the process that scores.
+    scorer = (
+        build_dnsmos(num_threads=max(1, (os.cpu_count() or 1) // workers))
+        if spec.needs_dnsmos
+        else None
+    )
     if settings_changed:
         _remove_vectors(output_root)
     write_json_atomic(output_root / FEATURES_JSON, meta)
@@ -577,15 +593,17 @@ def run_feature_extraction(
         else:
             jobs.append(_Job(fid, source, target))
 
-    compute = partial(_compute_job, feature_set=spec.name, max_seconds=max_seconds)
     started = time.perf_counter()
-    workers = min(num_workers, len(jobs))
-    if workers <= 1:
+    if workers <= 1 or len(jobs) <= 1:
+        compute = partial(
+            _compute_job, feature_set=spec.name, max_seconds=max_seconds, dnsmos=scorer
+        )
         with threadpool_limits(1):
             failed = _collect(map(compute, jobs), len(jobs), errors, progress)
     else:
+        compute = partial(_compute_job, feature_set=spec.name, max_seconds=max_seconds)
         chunksize = max(1, min(8, len(jobs) // (4 * workers)))
-        with ProcessPoolExecutor(workers, initializer=_single_blas_thread) as pool:
+        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(scorer,)) as pool:
             failed = _collect(
                 pool.map(compute, jobs, chunksize=chunksize), len(jobs), errors, progress
             )

@@ -192,14 +192,25 @@ def test_snr_estimate_rises_with_true_snr(rng: np.random.Generator) -> None:
     assert estimates[0] < estimates[1] < estimates[2]
 
 
-def test_cekl_plus_with_real_dnsmos(rng: np.random.Generator) -> None:
-    if not hasattr(pytest.importorskip("dnsmos"), "DNSMOS"):
-        pytest.skip("the dnsmos package is not in the tree yet")
-    audio = speech_like(rng, 2.0) + coloured_noise(rng, 2.0, 1.0) * 0.05
-    vector = extract_features(audio, 16000, "cekl_plus")
-    named = dict(zip(feature_names("cekl_plus"), vector.tolist(), strict=True))
-    assert np.all(np.isfinite(vector))
-    assert all(1.0 <= named[k] <= 5.0 for k in ("dnsmos_sig", "dnsmos_bak", "dnsmos_ovr"))
+def test_cekl_plus_folder_run_with_real_dnsmos(tmp_path: Path, rng: np.random.Generator) -> None:
+    dnsmos = pytest.importorskip("dnsmos")
+    data, feat = tmp_path / "noisy", tmp_path / "feat"
+    for name, seconds in (("a.wav", 1.5), ("sub/b.wav", 2.5)):
+        write_wav(data / name, speech_like(rng, seconds) + 0.05 * coloured_noise(rng, seconds))
+    # Two workers: the scorer reaches them through the pool initializer.
+    summary = run_feature_extraction(
+        data, feat, "cekl_plus", max_seconds=2.0, num_workers=2, progress=lambda it, **_: it
+    )
+    assert (summary.done, summary.errors) == (2, 0)
+    matrix, names = load_feature_matrix(feat, ["a.wav", "sub/b.wav"])
+    assert names == feature_names("cekl_plus") and matrix.shape == (2, 19)
+    named = dict(zip(names, matrix[1].tolist(), strict=True))
+    head = load_audio(data / "sub/b.wav", crop_seconds=2.0)
+    expected = dnsmos.DNSMOS().score(head, 16000)
+    for key in ("sig", "bak", "ovr", "p808"):
+        assert named[f"dnsmos_{key}"] == pytest.approx(expected[key], abs=1e-5)
+    assert named["duration_s"] == pytest.approx(2.5)  # the whole file, not the crop
+    np.testing.assert_allclose(matrix[1, :9], cekl_features(head), rtol=1e-6)
 
 
 def test_file_features_crops_to_max_seconds(tmp_path: Path, rng: np.random.Generator) -> None:

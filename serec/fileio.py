@@ -12,7 +12,7 @@ import csv
 import io
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,11 +24,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success rename it over `path`, else delete it."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        dir=target.parent, prefix=f".{target.name}.", suffix=".tmp" + target.suffix
-    )
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # Only a name is chosen here: the writer creates the file inside the try, so a Ctrl-C
+    # at any moment (even during the create syscall) is cleaned up below.
+    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.tmp{target.suffix}"
     try:
         yield tmp
         os.replace(tmp, target)

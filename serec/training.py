@@ -19,7 +19,7 @@ import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from serec.models import (
     compute_fbank,
     fit_logistic_recommender,
     load_ast_backbone,
+    load_checkpoint,
     predict_proba,
     save_checkpoint,
 )
@@ -107,6 +108,8 @@ class RecommenderConfig:
             )
         if self.n_folds < 2:
             raise RecommenderError(f"--n_folds must be at least 2, got {self.n_folds}")
+        if self.use_hybrid_features and self.feature_type != "mel_spec":
+            raise RecommenderError("--use_hybrid_features applies to --feature_type mel_spec only")
         bad = [f for f in self.folds or [] if not 1 <= f <= self.n_folds]
         if bad:
             raise RecommenderError(f"--folds {bad}: folds are numbered 1..{self.n_folds}")
@@ -137,6 +140,8 @@ class RecommenderConfig:
             raise RecommenderError(f"--labels_csv {self.labels_csv}: file not found")
         if self.feature_type == "mel_spec" and self.audio_dir is None:
             raise RecommenderError("--feature_type mel_spec needs --audio_dir (the noisy files)")
+        if self.feature_type == "mel_spec" and not Path(self.audio_dir).is_dir():
+            raise RecommenderError(f"--audio_dir {self.audio_dir}: not a directory")
         if self.needs_features and self.cekl_features_base_dir is None:
             raise RecommenderError(
                 "--feature_type cekl and --use_hybrid_features need --cekl_features_base_dir "
@@ -787,17 +792,91 @@ def write_skipped(stage_dir: Path, skipped: dict[str, str]) -> Path:
     )
 
 
+# Metadata fields that must match for an existing checkpoint to stand for this run's fold.
+REUSE_KEYS = (
+    "stage",
+    "fold",
+    "class_names",
+    "gatekeeper_class",
+    "feature_names",
+    "training",
+    "inner_val_files",
+    "folds_sha256",
+    "labels_sha256",
+)
+
+
+def _reusable_checkpoint(
+    path: Path, wanted: dict[str, Any], device: torch.device
+) -> tuple[nn.Module, dict[str, Any]] | None:
+    """The checkpoint at `path` when it was trained with exactly these settings, else None."""
+    if not path.is_file():
+        return None
+    try:
+        model, meta = load_checkpoint(path, device)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        log.warning("%s: unreadable (%s); training this fold again", path, exc)
+        return None
+    plain = checkpoint_metadata(model, **{k: wanted[k] for k in REUSE_KEYS})
+    if any(meta.get(k) != plain[k] for k in REUSE_KEYS):
+        log.warning("%s: trained with other settings; training this fold again", path)
+        return None
+    return model, meta
+
+
+def _fit_fold(
+    cfg: RecommenderConfig,
+    data: ExperimentData,
+    targets: np.ndarray,
+    n_classes: int,
+    rows: tuple[np.ndarray, np.ndarray],
+    make_backbone: Callable[[], ASTModel] | None,
+    spec: FbankSpec | None,
+    device: torch.device,
+    seed: int,
+    desc: str,
+) -> tuple[nn.Module, int | None, list[dict[str, float]]]:
+    """Train one fold's model -> (model, best epoch, curve); logistic models have no epochs."""
+    fit_rows, val_rows = rows
+    if cfg.feature_type == "cekl":
+        model = fit_logistic_recommender(
+            data.features[fit_rows],
+            targets[fit_rows],
+            n_classes,
+            balanced=cfg.use_weighted_sampler,
+            seed=seed,
+        )
+        return model, None, []
+    n_features = len(data.feature_names) if cfg.use_hybrid_features else 0
+    ast = ASTRecommender(make_backbone(), n_classes, n_features)
+    if n_features:
+        ast.set_scaler(*fit_scaler(data.features[fit_rows]))
+    result = train_classifier(
+        ast,
+        data.fbank[spec],
+        data.features if n_features else None,
+        targets,
+        fit_rows,
+        val_rows,
+        replace(TrainSettings.from_config(cfg), seed=seed),
+        device,
+        desc,
+    )
+    return ast, result.best_epoch, result.history
+
+
 def train_stage(cfg: RecommenderConfig, stage: str) -> StageResult:
     """Train one stage's model on every requested fold; save a checkpoint per fold.
 
     Per fold k: the training part is every other fold; its inner validation split picks
     the best epoch (AST) and is recorded in the checkpoint for the gatekeeper threshold
     sweep; the scaler is fitted on the rest of the training part; the held-out fold k
-    is only predicted, and those predictions are returned for the stage report.
+    is only predicted, and those predictions are returned for the stage report. A fold
+    whose checkpoint already exists with the same settings, folds and labels is reused,
+    so an interrupted run resumes (delete a checkpoint to train its fold again).
     """
     cfg.check_inputs()
     device = resolve_device(cfg.device)
-    settings = TrainSettings.from_config(cfg)
     make_backbone, spec = (None, None)
     if cfg.feature_type == "mel_spec":
         make_backbone, spec = _backbone_factory(cfg)
@@ -806,7 +885,7 @@ def train_stage(cfg: RecommenderConfig, stage: str) -> StageResult:
     stage_dir = cfg.output_dir / stage
     write_skipped(stage_dir, data.skipped)
     targets = task.targets(data.labels)
-    n_classes = len(task.class_names)
+    record = _training_record(cfg, TrainSettings.from_config(cfg))
     results: list[FoldPredictions] = []
     for fold in cfg.fold_numbers:
         seed_everything(cfg.seed + fold)
@@ -820,62 +899,50 @@ def train_stage(cfg: RecommenderConfig, stage: str) -> StageResult:
             raise RecommenderError(
                 f"{stage} fold {fold}: its training part has only one class; fewer folds?"
             )
-        desc = f"{stage} fold {fold}"
-        best_epoch = None
-        if cfg.feature_type == "cekl":
-            model: nn.Module = fit_logistic_recommender(
-                data.features[fit_rows],
-                targets[fit_rows],
-                n_classes,
-                balanced=cfg.use_weighted_sampler,
-                seed=cfg.seed + fold,
-            )
-        else:
-            n_features = len(data.feature_names) if cfg.use_hybrid_features else 0
-            model = ASTRecommender(make_backbone(), n_classes, n_features)
-            if n_features:
-                model.set_scaler(*fit_scaler(data.features[fit_rows]))
-            features = data.features if n_features else None
-            result = train_classifier(
-                model,
-                data.fbank[spec],
-                features,
-                targets,
-                fit_rows,
-                val_rows,
-                settings,
-                device,
-                desc,
-            )
-            best_epoch = result.best_epoch
-            write_training_curves(
-                result.history,
-                stage_dir / "curves" / f"fold{fold}.csv",
-                f"{desc} (best epoch {best_epoch})",
-            )
-        feature_names = data.feature_names if model.n_features else []
-        metadata = {
+        metadata: dict[str, Any] = {
             "stage": stage,
             "fold": fold,
             "class_names": task.class_names,
             "gatekeeper_class": task.gatekeeper_class,
-            "feature_names": feature_names,
-            "training": _training_record(cfg, settings),
-            "best_epoch": best_epoch,
+            "feature_names": data.feature_names if cfg.needs_features else [],
+            "training": record,
             "inner_val_files": list(data.files[inner_val]),
             "n_train_files": len(fit_rows),
             "folds_sha256": data.folds_sha256,
             "labels_sha256": data.labels_sha256,
         }
-        checkpoint = save_checkpoint(cfg.checkpoint_path(stage, fold), model, **metadata)
-        saved = checkpoint_metadata(model, **metadata)
+        path = cfg.checkpoint_path(stage, fold)
+        reused = _reusable_checkpoint(path, metadata, device)
+        if reused is not None:
+            model, saved = reused
+            log.info("%s fold %d: reusing %s (same settings)", stage, fold, path)
+        else:
+            desc = f"{stage} fold {fold}"
+            model, best_epoch, history = _fit_fold(
+                cfg, data, targets, len(task.class_names), (fit_rows, val_rows),
+                make_backbone, spec, device, cfg.seed + fold, desc,
+            )  # fmt: skip
+            if history:
+                write_training_curves(
+                    history,
+                    stage_dir / "curves" / f"fold{fold}.csv",
+                    f"{desc} (best epoch {best_epoch})",
+                )
+            metadata["best_epoch"] = best_epoch
+            save_checkpoint(path, model, **metadata)
+            saved = checkpoint_metadata(model, **metadata)
         test_inputs, test_features = data.inputs_for(saved, test_rows)
         proba = predict_proba(
             model, saved, test_inputs, test_features, batch_size=cfg.batch_size, device=device
         )
         results.append(
             FoldPredictions(
-                fold, list(data.files[test_rows]), targets[test_rows], proba, checkpoint, best_epoch
+                fold,
+                list(data.files[test_rows]),
+                targets[test_rows],
+                proba,
+                path,
+                saved.get("best_epoch"),
             )
         )
     return StageResult(

@@ -210,3 +210,17 @@ def test_clear_errors(trained, capsys):
     )  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "huggingface-cli download" in err and "--pretrained_models none" in err
+
+
+def test_rerun_reuses_checkpoints_trained_with_the_same_settings(trained):
+    out = trained["out"]
+    checkpoints = sorted(out.glob("gatekeeper_model_fold_*_best.pth"))
+    stamps = [p.stat().st_mtime_ns for p in checkpoints]
+    before = json.loads((out / "gatekeeper" / "metrics.json").read_text())["summary"]
+    flags = ("--use_hybrid_features", "--use_weighted_sampler")
+    assert run_stage(trained, "gatekeeper", *flags) == 0
+    assert [p.stat().st_mtime_ns for p in checkpoints] == stamps
+    assert json.loads((out / "gatekeeper" / "metrics.json").read_text())["summary"] == before
+    assert run_stage(trained, "gatekeeper", *flags, "--folds", "2", "--num_epochs", "1") == 0
+    changed = [p.stat().st_mtime_ns != s for p, s in zip(checkpoints, stamps, strict=True)]
+    assert changed == [False, True, False]

@@ -1,0 +1,358 @@
+"""OUT/report.html: one self-contained page on a recommendation run (tables, plots embedded
+as PNG data URIs, audio players linking the WAVs by relative path; no scripts, no external
+resources), so it opens from disk in any browser and can be moved together with OUT.
+
+Plots use matplotlib's object API (`Figure`, Agg rendering), not pyplot: no GUI backend and
+no global figure state, so building a report never needs a display.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from serec.assessment import EVALUATION_CSV, SUMMARY_CSV
+from serec.fileio import write_text_atomic
+from serec.recommender import RECOMMENDATIONS_CSV, RECOMMENDER_JSON
+from serec.routing import ENHANCED_DIR, rec_folder_name
+from serec.strategies import STRATEGIES_CSV, read_enhancement_scores
+
+REPORT_HTML = "report.html"
+DEFAULT_LISTENING_ROWS = 40
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1400px; }
+h1 { font-size: 1.6em; } h2 { margin-top: 2em; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th { background: #f0f0f0; } td.text, th.text { text-align: left; }
+img { max-width: 100%; } audio { width: 170px; height: 30px; }
+.wide { overflow-x: auto; } dl { font-size: 0.9em; } dt { font-weight: bold; float: left; margin-right: 0.5em; }
+.note { color: #555; font-size: 0.9em; }
+"""
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _float(value: Any) -> float:
+    try:
+        return float(value) if value not in ("", None) else math.nan
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    v = _float(value)
+    return f"{v:.{digits}f}" if math.isfinite(v) else ""
+
+
+def _figure(width: float, height: float) -> tuple[Figure, Any]:
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots()
+
+
+def _png(fig: Figure) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _img(fig: Figure, alt: str) -> str:
+    return f'<img src="{_png(fig)}" alt="{html.escape(alt)}">'
+
+
+def _table(columns: Sequence[str], rows: Sequence[Sequence[Any]], text_columns: int = 1, table_id: str = "") -> str:
+    """An HTML table; cells are escaped unless they are already-built markup (`_Markup`)."""
+    ident = f' id="{table_id}"' if table_id else ""
+    head = "".join(
+        f'<th class="text">{html.escape(c)}</th>' if i < text_columns else f"<th>{html.escape(c)}</th>"
+        for i, c in enumerate(columns)
+    )
+    body = []
+    for row in rows:
+        cells = []
+        for i, cell in enumerate(row):
+            content = cell.markup if isinstance(cell, _Markup) else html.escape(str(cell))
+            cells.append(f'<td class="text">{content}</td>' if i < text_columns else f"<td>{content}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<div class="wide"><table{ident}><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+
+
+class _Markup:
+    def __init__(self, markup: str) -> None:
+        self.markup = markup
+
+
+def _audio(out_dir: Path, path: Path) -> _Markup:
+    """An audio player linking `path` relative to OUT (or a dash when the file is absent)."""
+    if not path.is_file():
+        return _Markup("&ndash;")
+    rel = Path(os.path.relpath(path, out_dir)).as_posix()
+    return _Markup(f'<audio controls preload="none" src="{html.escape(quote(rel))}"></audio>')
+
+
+# ---------------------------------------------------------------------------------------
+# Sections
+
+
+def _summary_section(summary: Sequence[Mapping[str, str]]) -> str:
+    if not summary:
+        return "<p>No summary.csv: run the evaluation first.</p>"
+    rows = [
+        [
+            r["group"],
+            r["metric"],
+            r["n"],
+            _fmt(r["noisy_mean"]),
+            f"{_fmt(r['enhanced_mean'])} [{_fmt(r['enhanced_ci95_low'])}, {_fmt(r['enhanced_ci95_high'])}]",
+            f"{_fmt(r['delta_mean'])} [{_fmt(r['delta_ci95_low'])}, {_fmt(r['delta_ci95_high'])}]",
+        ]
+        for r in summary
+    ]
+    return (
+        "<p class=\"note\">Per rec group and over all files (<em>all</em>): mean of the noisy input, "
+        "of the enhanced output and of the improvement (enhanced &minus; noisy), with 95% "
+        "t-intervals.</p>"
+        + _table(["group", "metric", "n", "noisy", "enhanced [95% CI]", "improvement [95% CI]"], rows, 2,
+                 "summary-table")
+    )
+
+
+def _strategies_section(strategies: Sequence[Mapping[str, str]]) -> str:
+    if not strategies:
+        return ("<p>No strategy comparison: pass <code>--labels_csv</code> (enhancement_driver's "
+                "labels.csv for the same files) to compare with single models and the oracle.</p>")
+    metrics = [m for m in ("dnsmos_ovr", "dnsmos_sig", "dnsmos_bak", "pesq_wb", "stoi", "estoi", "si_sdr")
+               if any(r.get(m) for r in strategies)]
+    columns = ["strategy", "files", *metrics, "oracle gain captured", "enhancer s",
+               "recommender s", "DNSMOS s", "total s"]
+    rows = [
+        [r["strategy"], r["files"], *(_fmt(r[m]) for m in metrics),
+         (f"{100 * _float(r['oracle_gain_captured']):.1f}%" if math.isfinite(_float(r["oracle_gain_captured"])) else ""),
+         _fmt(r["enhancer_seconds"], 2), _fmt(r["recommender_seconds"], 2), _fmt(r["dnsmos_seconds"], 2),
+         _fmt(r["total_seconds"], 2)]
+        for r in strategies
+    ]
+    return (
+        "<p class=\"note\">All strategies scored from the enhancement step's scores on the same files. "
+        "Oracle gain captured = (strategy &minus; best single model) / (oracle &minus; best single "
+        "model), in mean DNSMOS OVR. Seconds: enhancer compute, plus recommender inference "
+        "(adaptive) or DNSMOS on every output (run-all).</p>"
+        + _table(columns, rows, 1, "strategies-table")
+        + "<dl>" + "".join(f"<dt>{html.escape(r['strategy'])}</dt><dd>{html.escape(r['description'])}</dd>"
+                           for r in strategies) + "</dl>"
+    )
+
+
+def _mix_section(recommendations: Sequence[Mapping[str, str]]) -> str:
+    counts = Counter(r["recommendation"] for r in recommendations)
+    routed = Counter(r["routed_model"] for r in recommendations)
+    if not counts:
+        return "<p>No recommendations.csv.</p>"
+    labels = sorted(counts, key=lambda k: -counts[k])
+    fig, ax = _figure(max(4, 1.1 * len(labels)), 3)
+    ax.bar(labels, [counts[k] for k in labels], color="#4c72b0")
+    ax.set_ylabel("files")
+    ax.set_title("recommendations")
+    ax.tick_params(axis="x", rotation=30)
+    total = sum(counts.values())
+    rows = [[k, counts[k], f"{100 * counts[k] / total:.1f}%"] for k in labels]
+    routed_rows = [[k, routed[k]] for k in sorted(routed, key=lambda k: -routed[k])]
+    return (
+        _img(fig, "recommendation mix")
+        + _table(["recommendation", "files", "share"], rows, 1, "mix-table")
+        + "<p class=\"note\">Models actually run (All_Failed goes to the fallback model):</p>"
+        + _table(["routed model", "files"], routed_rows, 1)
+    )
+
+
+def _boxplot(groups: Mapping[str, Sequence[float]], title: str, ylabel: str) -> str:
+    data = {k: [v for v in vals if math.isfinite(v)] for k, vals in groups.items()}
+    data = {k: v for k, v in data.items() if v}
+    if not data:
+        return ""
+    fig, ax = _figure(max(4, 1.2 * len(data)), 3.2)
+    ax.boxplot(list(data.values()), tick_labels=[f"{k}\n(n={len(v)})" for k, v in data.items()])
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    return _img(fig, title)
+
+
+def _distributions_section(evaluation: Sequence[Mapping[str, str]], enh_scores: Any, files: Sequence[str]) -> str:
+    ok = [r for r in evaluation if r["status"] == "ok"]
+    parts = []
+    by_group: dict[str, list[float]] = {}
+    delta_by_group: dict[str, list[float]] = {}
+    for r in ok:
+        by_group.setdefault(r["group"], []).append(_float(r["enhanced_dnsmos_ovr"]))
+        delta_by_group.setdefault(r["group"], []).append(_float(r["delta_dnsmos_ovr"]))
+    parts.append(_boxplot(by_group, "DNSMOS OVR of the routed output, per rec group", "DNSMOS OVR"))
+    parts.append(_boxplot(delta_by_group, "OVR improvement over the noisy input, per rec group", "delta OVR"))
+    if enh_scores is not None and files:
+        systems = ["noisy", *enh_scores.models]
+        per_model = {s: [enh_scores.value(f, s, "dnsmos_ovr") for f in files] for s in systems}
+        parts.append(_boxplot(per_model, "DNSMOS OVR of every model on these files (enhancement step)", "DNSMOS OVR"))
+    parts = [p for p in parts if p]
+    return "".join(parts) if parts else "<p>No scores to plot.</p>"
+
+
+def _confusion_section(recommendations: Sequence[Mapping[str, str]], labels: Mapping[str, str] | None) -> str:
+    if labels is None:
+        return "<p>Labels unknown: pass <code>--labels_csv</code> to compare recommendations with the best model per file.</p>"
+    pairs = [(labels[r["file"]], r["recommendation"]) for r in recommendations if r["file"] in labels]
+    if not pairs:
+        return "<p>No recommended file has a label in the given labels.csv.</p>"
+    classes = sorted({t for t, _ in pairs} | {p for _, p in pairs})
+    index = {c: i for i, c in enumerate(classes)}
+    matrix = np.zeros((len(classes), len(classes)), dtype=int)
+    for truth, pred in pairs:
+        matrix[index[truth], index[pred]] += 1
+    accuracy = float(np.trace(matrix) / matrix.sum())
+    fig, ax = _figure(1.2 * len(classes) + 2, 1.0 * len(classes) + 1.5)
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("recommendation")
+    ax.set_ylabel("label (best model)")
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, str(matrix[i, j]), ha="center", va="center",
+                    color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+    ax.set_title(f"confusion matrix, accuracy {accuracy:.2f}")
+    rows = [[c, *matrix[i].tolist()] for i, c in enumerate(classes)]
+    return (
+        f"<p class=\"note\">{len(pairs)} files with a label; rows: label from labels.csv, "
+        f"columns: recommendation. Accuracy {accuracy:.3f}.</p>"
+        + _img(fig, "confusion matrix")
+        + _table(["label \\ recommendation", *classes], rows, 1, "confusion-table")
+    )
+
+
+def _listening_rows(evaluation: Sequence[Mapping[str, str]], limit: int) -> list[Mapping[str, str]]:
+    """Up to `limit` files, taken from the groups in turn so every group is heard."""
+    by_group: dict[str, list[Mapping[str, str]]] = {}
+    for row in sorted(evaluation, key=lambda r: (r["group"], r["file"])):
+        by_group.setdefault(row["group"], []).append(row)
+    chosen: list[Mapping[str, str]] = []
+    depth = 0
+    while len(chosen) < limit and any(depth < len(v) for v in by_group.values()):
+        for rows in by_group.values():
+            if depth < len(rows) and len(chosen) < limit:
+                chosen.append(rows[depth])
+        depth += 1
+    return chosen
+
+
+def _listening_section(
+    out_dir: Path,
+    evaluation: Sequence[Mapping[str, str]],
+    labels: Mapping[str, str] | None,
+    enh_dir: Path | None,
+    models: Sequence[str],
+    limit: int,
+) -> str:
+    chosen = _listening_rows(evaluation, limit)
+    if not chosen:
+        return "<p>No evaluated files.</p>"
+    others = [m for m in models if enh_dir is not None and (enh_dir / ENHANCED_DIR / m).is_dir()]
+    columns = ["file", "recommendation", "routed model", *(["label"] if labels else []),
+               "OVR noisy", "OVR routed", "noisy", "routed output", *others]
+    rows = []
+    for r in chosen:
+        folder = out_dir / rec_folder_name(r["group"])
+        rows.append([
+            r["file"], r["group"], r["routed_model"], *([labels.get(r["file"], "")] if labels else []),
+            _fmt(r["noisy_dnsmos_ovr"]), _fmt(r["enhanced_dnsmos_ovr"]),
+            _audio(out_dir, folder / r["file"]),
+            _audio(out_dir, folder / ENHANCED_DIR / r["file"]),
+            *(_audio(out_dir, enh_dir / ENHANCED_DIR / m / r["file"]) for m in others if enh_dir is not None),
+        ])
+    shown = f"{len(chosen)} of {len(evaluation)}" if len(chosen) < len(evaluation) else f"all {len(chosen)}"
+    note = (f"<p class=\"note\">{shown} files (taken from every group in turn). Audio is linked by "
+            "relative path: keep report.html inside its output folder"
+            + (" and the enhancement output where it is" if others else "") + ".</p>")
+    return note + _table(columns, rows, 3 + bool(labels), "listening-table")
+
+
+def _run_section(out_dir: Path) -> str:
+    path = out_dir / RECOMMENDER_JSON
+    if not path.is_file():
+        return ""
+    info = json.loads(path.read_text(encoding="utf-8"))
+    rows = [[stage, c.get("path", ""), c.get("fold", ""), ", ".join(c.get("class_names", [])),
+             ", ".join(c.get("feature_names", [])) or "none"]
+            for stage, c in info.get("checkpoints", {}).items()]
+    timing = info.get("inference", {})
+    per_file = timing.get("seconds", 0) / timing["files"] if timing.get("files") else math.nan
+    return (
+        f"<p>Routing: <b>{html.escape(str(info.get('routing', '')))}</b>; gatekeeper class "
+        f"<b>{html.escape(str(info.get('gatekeeper_class', '')))}</b> (threshold "
+        f"{info.get('gatekeeper_threshold', '')}); All_Failed files go to "
+        f"<b>{html.escape(str(info.get('fallback_model', '')))}</b>; recommender inference "
+        f"{_fmt(per_file, 3)} s per file.</p>"
+        + _table(["stage", "checkpoint", "fold", "classes", "features"], rows, 5)
+    )
+
+
+def write_report(
+    out_dir: str | os.PathLike[str],
+    labels_csv: str | os.PathLike[str] | None = None,
+    *,
+    max_listening_rows: int = DEFAULT_LISTENING_ROWS,
+) -> Path:
+    """Build OUT/report.html from OUT's CSVs (and ENH's scores and audio with `labels_csv`)."""
+    out_dir = Path(out_dir)
+    recommendations = _read_csv(out_dir / RECOMMENDATIONS_CSV)
+    evaluation = _read_csv(out_dir / EVALUATION_CSV)
+    summary = _read_csv(out_dir / SUMMARY_CSV)
+    strategies = _read_csv(out_dir / STRATEGIES_CSV)
+    enh_scores = read_enhancement_scores(labels_csv) if labels_csv is not None else None
+    labels = enh_scores.labels if enh_scores is not None else None
+    files = [r["file"] for r in recommendations] or sorted({r["file"] for r in evaluation})
+    if not recommendations:
+        recommendations = [{"file": r["file"], "recommendation": r["group"], "routed_model": r["routed_model"]}
+                           for r in evaluation]
+    sections = [
+        ("Run", _run_section(out_dir)),
+        ("Summary", _summary_section(summary)),
+        ("Strategies", _strategies_section(strategies)),
+        ("Recommendation mix", _mix_section(recommendations)),
+        ("Score distributions", _distributions_section(evaluation, enh_scores, files)),
+        ("Confusion matrix", _confusion_section(recommendations, labels)),
+        ("Listening", _listening_section(
+            out_dir, evaluation, labels, enh_scores.labels_csv.parent if enh_scores else None,
+            enh_scores.models if enh_scores else [], max_listening_rows)),
+    ]
+    body = "".join(f"<section><h2>{html.escape(t)}</h2>{content}</section>" for t, content in sections if content)
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    page = (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        f"<title>serec recommendation report</title><style>{CSS}</style></head><body>"
+        f"<h1>serec recommendation report</h1><p class=\"note\">{html.escape(str(out_dir))}, "
+        f"{len(files)} files, generated {stamp}.</p>{body}</body></html>\n"
+    )
+    return write_text_atomic(out_dir / REPORT_HTML, page)
+
+
+__all__ = ["DEFAULT_LISTENING_ROWS", "REPORT_HTML", "write_report"]

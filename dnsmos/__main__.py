@@ -1,0 +1,50 @@
+"""DNSMOS files to CSV: python -m dnsmos PATH... --csv out.csv [--personalized] [--num_workers N].
+
+Writes the reference script's columns (filename, len_in_sec, sr, num_hops, OVRL_raw, SIG_raw,
+BAK_raw, OVRL, SIG, BAK, P808_MOS). Files that cannot be scored are left out of the CSV and
+listed on stderr; the exit status is 1 if any were, 2 for unusable arguments or models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dnsmos.files import score_paths, write_reference_csv
+from dnsmos.models import DnsmosModelError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dnsmos", description=__doc__.split("\n")[0])
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="audio files or folders (searched recursively for .wav/.flac)")
+    parser.add_argument("--csv", required=True, type=Path, help="output CSV (written atomically)")
+    parser.add_argument("--personalized", action="store_true", help="personalized DNSMOS (pDNSMOS) primary model")
+    parser.add_argument("--num_workers", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument("--num_threads", type=int, default=None, help="onnxruntime threads per process (default: cores / workers)")
+    parser.add_argument("--dnsmos_model_dir", type=Path, default=None, help="folder with the ONNX models (default: the ones bundled with speechmos)")
+    args = parser.parse_args(argv)
+    if args.num_workers < 1:
+        parser.error("--num_workers must be >= 1")
+    try:
+        rows = score_paths(
+            args.paths,
+            personalized=args.personalized,
+            model_dir=args.dnsmos_model_dir,
+            num_workers=args.num_workers,
+            num_threads=args.num_threads,
+        )
+    except DnsmosModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    failed = [row for row in rows if "error" in row]
+    for row in failed:
+        print(f"skipped {row['filename']}: {row['error']}", file=sys.stderr)
+    out = write_reference_csv(args.csv, rows)
+    note = f"; {len(failed)} file(s) could not be scored (listed above)" if failed else ""
+    print(f"scored {len(rows) - len(failed)} file(s) -> {out}{note}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,430 @@
+"""Run every enhancer on every noisy file, score every output, and label each file's best model.
+
+This is the longest step users run (hours to days with diffusion models), so it never
+loses work: each enhanced WAV is written atomically, each score row is appended whole
+to `scores.csv` as soon as its chunk finishes, and a re-run skips (file, system) pairs
+that are already complete. Work is split into chunks of a few files of one system; with
+`num_workers > 1` the chunks of built-in enhancers run in single-threaded worker
+processes. External (subprocess) enhancers run in the main process with big batches.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from serec.audio import (
+    SAMPLE_RATE,
+    AudioError,
+    audio_info,
+    file_id,
+    list_audio_files,
+    load_audio,
+    write_wav,
+)
+from serec.enhancers import EnhancementError, Enhancer, create_enhancer, load_models_config
+from serec.fileio import RowLog, csv_text, write_text_atomic
+from serec.labels import NOISY_SYSTEM, LabelRule, label_columns, label_files
+from serec.quality import QualityScorer
+from serec.runinfo import write_run_json
+
+METRIC_COLUMNS = [
+    "dnsmos_sig",
+    "dnsmos_bak",
+    "dnsmos_ovr",
+    "dnsmos_p808",
+    "pesq_wb",
+    "stoi",
+    "estoi",
+    "si_sdr",
+]
+SCORE_COLUMNS = ["file", "system", "status", "error", *METRIC_COLUMNS, "seconds", "duration_s"]
+SCORES_CSV = "scores.csv"
+LABELS_CSV = "labels.csv"
+
+# Exit statuses of enhancement_driver.py (documented in the README).
+EXIT_OK = 0
+EXIT_SOME_ERRORS = 3
+
+
+@dataclass
+class EnhancementConfig:
+    noisy_dir: Path
+    output_dir: Path
+    models: list[str]
+    clean_dir: Path | None = None
+    models_config: Path | None = None
+    rule: LabelRule = field(default_factory=LabelRule)
+    num_workers: int = 1
+    device: str = "cpu"
+    limit: int | None = None
+    overwrite: bool = False
+    retry_errors: bool = False
+    seed: int = 0
+    chunk_size: int = 8
+
+
+@dataclass
+class EnhancementSummary:
+    files: int
+    pairs_done_now: int
+    pairs_skipped: int
+    errors: int
+    label_counts: dict[str, int]
+    metric_means: dict[str, dict[str, float]]
+    scores_csv: Path
+    labels_csv: Path
+    elapsed_s: float
+
+    @property
+    def exit_status(self) -> int:
+        return EXIT_SOME_ERRORS if self.errors else EXIT_OK
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    system: str
+    file_ids: tuple[str, ...]
+
+
+# Per-process state, built lazily so worker processes create their own ONNX sessions
+# and enhancer instances once and reuse them for every chunk.
+_state: dict[str, Any] = {}
+
+
+def _init_worker(config: EnhancementConfig, model_configs: dict[str, dict]) -> None:
+    # One thread per worker: N workers then use N cores without oversubscription.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+    _state.clear()
+    _state["config"] = config
+    _state["model_configs"] = model_configs
+    _state["enhancers"] = {}
+    _state["scorer"] = QualityScorer(num_threads=1)
+
+
+def _enhancer(name: str) -> Enhancer:
+    enhancers: dict[str, Enhancer] = _state["enhancers"]
+    if name not in enhancers:
+        config: EnhancementConfig = _state["config"]
+        enhancers[name] = create_enhancer(
+            name, _state["model_configs"].get(name), device=config.device, seed=config.seed
+        )
+    return enhancers[name]
+
+
+def _error_row(fid: str, system: str, reason: str, duration_s: float = math.nan) -> dict[str, Any]:
+    row = {c: math.nan for c in METRIC_COLUMNS}
+    row.update(
+        file=fid, system=system, status="error", error=reason, seconds=math.nan, duration_s=duration_s
+    )
+    return row
+
+
+def _load_reference(config: EnhancementConfig, fid: str) -> tuple[np.ndarray | None, str]:
+    if config.clean_dir is None:
+        return None, ""
+    path = config.clean_dir / fid
+    if not path.exists():
+        return None, f"no clean reference at {path}"
+    try:
+        return load_audio(path, validate=False), ""
+    except AudioError as exc:
+        return None, f"clean reference: {exc.reason}"
+
+
+def process_chunk(chunk: _Chunk) -> list[dict[str, Any]]:
+    """Enhance (unless system is `noisy`), write and score the chunk's files; one row each."""
+    config: EnhancementConfig = _state["config"]
+    rows: dict[str, dict[str, Any]] = {}
+    inputs: list[tuple[str, np.ndarray, np.ndarray | None, str]] = []
+    for fid in chunk.file_ids:
+        try:
+            audio = load_audio(config.noisy_dir / fid)
+        except AudioError as exc:
+            reason = exc.reason if chunk.system == NOISY_SYSTEM else f"input: {exc.reason}"
+            rows[fid] = _error_row(fid, chunk.system, reason)
+            continue
+        reference, ref_note = _load_reference(config, fid)
+        inputs.append((fid, audio, reference, ref_note))
+
+    outputs: list[tuple[str, np.ndarray, np.ndarray | None, str, float]] = []
+    if chunk.system == NOISY_SYSTEM:
+        outputs = [(fid, audio, ref, note, 0.0) for fid, audio, ref, note in inputs]
+    elif inputs:
+        enhancer = _enhancer(chunk.system)
+        started = time.perf_counter()
+        results = enhancer.enhance_batch(
+            [audio for _, audio, _, _ in inputs], file_ids=[fid for fid, *_ in inputs]
+        )
+        elapsed = time.perf_counter() - started
+        total = sum(audio.size for _, audio, _, _ in inputs)
+        for (fid, audio, ref, note), result in zip(inputs, results, strict=True):
+            seconds = elapsed * audio.size / total  # batch time shared by duration
+            if isinstance(result, Exception):
+                rows[fid] = _error_row(fid, chunk.system, str(result), audio.size / SAMPLE_RATE)
+                continue
+            write_wav(config.output_dir / "enhanced" / chunk.system / fid, result)
+            outputs.append((fid, result, ref, note, seconds))
+
+    scorer: QualityScorer = _state["scorer"]
+    scored = scorer.score_batch([o[1] for o in outputs], [o[2] for o in outputs])
+    for (fid, audio, _, note, seconds), result in zip(outputs, scored, strict=True):
+        errors = [f"{m}: {e}" for m, e in result.errors.items() if m in METRIC_COLUMNS]
+        if note:
+            errors.insert(0, note)
+        row = {m: result.values.get(m, math.nan) for m in METRIC_COLUMNS}
+        row.update(
+            file=fid,
+            system=chunk.system,
+            status="ok",
+            error="; ".join(errors),
+            seconds=round(seconds, 4),
+            duration_s=round(audio.size / SAMPLE_RATE, 4),
+        )
+        rows[fid] = row
+    return [rows[fid] for fid in chunk.file_ids]
+
+
+def _latest_rows(log: RowLog) -> dict[tuple[str, str], dict[str, str]]:
+    """The last row written for each (file, system): later rows supersede retried ones."""
+    return {(r["file"], r["system"]): r for r in log.read()}
+
+
+def _pair_complete(
+    config: EnhancementConfig, row: dict[str, str] | None, fid: str, system: str
+) -> bool:
+    if row is None:
+        return False
+    if row["status"] == "error":
+        return not config.retry_errors
+    if system == NOISY_SYSTEM:
+        return True
+    wav = config.output_dir / "enhanced" / system / fid
+    if not wav.exists():
+        return False
+    try:
+        return audio_info(wav).frames == audio_info(config.noisy_dir / fid).frames
+    except AudioError:
+        return False
+
+
+def _chunks(pending: dict[str, list[str]], sizes: dict[str, int]) -> Iterator[_Chunk]:
+    for system, fids in pending.items():
+        size = max(1, sizes[system])
+        for start in range(0, len(fids), size):
+            yield _Chunk(system, tuple(fids[start : start + size]))
+
+
+def _prepare_output(config: EnhancementConfig) -> None:
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    # Temp files of writes that a kill interrupted: never complete, never read.
+    for stale in (config.output_dir / "enhanced").glob("**/.*.tmp*"):
+        stale.unlink(missing_ok=True)
+    if config.overwrite:
+        for name in (SCORES_CSV, LABELS_CSV):
+            (config.output_dir / name).unlink(missing_ok=True)
+        for model in config.models:
+            shutil.rmtree(config.output_dir / "enhanced" / model, ignore_errors=True)
+
+
+def _check_models(config: EnhancementConfig, model_configs: dict[str, dict]) -> dict[str, Enhancer]:
+    """Build every requested enhancer and check it before any work starts."""
+    enhancers = {}
+    for name in config.models:
+        enhancer = create_enhancer(
+            name, model_configs.get(name), device=config.device, seed=config.seed
+        )
+        enhancer.check()
+        enhancers[name] = enhancer
+    return enhancers
+
+
+def run_enhancement(config: EnhancementConfig) -> EnhancementSummary:
+    """Run (or resume) the enhancement step; see the module docstring."""
+    started = time.perf_counter()
+    if NOISY_SYSTEM in config.models:
+        raise ValueError(f"'{NOISY_SYSTEM}' is reserved for the untouched input; it is not a model")
+    if len(set(config.models)) != len(config.models):
+        raise ValueError(f"a model is listed twice in {config.models}")
+    model_configs = load_models_config(config.models_config) if config.models_config else {}
+    enhancers = _check_models(config, model_configs)
+
+    paths = list_audio_files(config.noisy_dir)
+    if config.limit is not None:
+        paths = paths[: config.limit]
+    if not paths:
+        raise FileNotFoundError(f"{config.noisy_dir}: no .wav or .flac files")
+    fids = [file_id(p, config.noisy_dir) for p in paths]
+
+    _prepare_output(config)
+    scores_path = config.output_dir / SCORES_CSV
+    log = RowLog(scores_path, SCORE_COLUMNS)
+    latest = _latest_rows(log)
+    systems = [NOISY_SYSTEM, *config.models]
+    pending = {
+        system: [f for f in fids if not _pair_complete(config, latest.get((f, system)), f, system)]
+        for system in systems
+    }
+    todo = sum(len(v) for v in pending.values())
+    if todo:
+        write_run_json(
+            config.output_dir,
+            {k: v for k, v in vars(config).items() if k != "rule"},
+            label_rule=vars(config.rule),
+            models=config.models,
+            systems=systems,
+            files=len(fids),
+        )
+        _run_pending(config, model_configs, enhancers, pending, log)
+        latest = _latest_rows(log)
+
+    wanted = {(f, s) for f in fids for s in systems}
+    final = [latest[k] for k in sorted(wanted, key=lambda k: (k[0], systems.index(k[1])))]
+    extra = [r for k, r in latest.items() if k not in wanted]  # other runs' files/models, kept
+    _write_if_changed(scores_path, SCORE_COLUMNS, final + extra)
+    labels = label_files(final, config.models, config.rule)
+    labels_path = config.output_dir / LABELS_CSV
+    _write_if_changed(labels_path, label_columns(config.models), labels)
+
+    return EnhancementSummary(
+        files=len(fids),
+        pairs_done_now=todo,
+        pairs_skipped=len(wanted) - todo,
+        errors=sum(1 for r in final if r["status"] == "error"),
+        label_counts=dict(Counter(str(r["label"]) for r in labels).most_common()),
+        metric_means=_metric_means(final, systems),
+        scores_csv=scores_path,
+        labels_csv=labels_path,
+        elapsed_s=time.perf_counter() - started,
+    )
+
+
+def _run_pending(
+    config: EnhancementConfig,
+    model_configs: dict[str, dict],
+    enhancers: dict[str, Enhancer],
+    pending: dict[str, list[str]],
+    log: RowLog,
+) -> None:
+    sizes = {NOISY_SYSTEM: config.chunk_size}
+    sizes.update(
+        {
+            name: max(config.chunk_size, e.batch_size) if e.kind == "external" else config.chunk_size
+            for name, e in enhancers.items()
+        }
+    )
+    chunks = list(_chunks({s: f for s, f in pending.items() if f}, sizes))
+    pool_chunks = [c for c in chunks if c.system == NOISY_SYSTEM or enhancers[c.system].kind != "external"]
+    main_chunks = [c for c in chunks if c not in pool_chunks]
+    bars = {
+        system: tqdm(total=len(f), desc=f"{system:>16}", unit="file", position=i, leave=True)
+        for i, (system, f) in enumerate((s, f) for s, f in pending.items() if f)
+    }
+
+    def record(chunk: _Chunk, rows: list[dict[str, Any]]) -> None:
+        log.append(rows)
+        bars[chunk.system].update(len(rows))
+
+    try:
+        _init_worker(config, model_configs)
+        for chunk in main_chunks:
+            record(chunk, _safe_process(chunk))
+        if config.num_workers <= 1:
+            for chunk in pool_chunks:
+                record(chunk, _safe_process(chunk))
+        else:
+            with ProcessPoolExecutor(
+                config.num_workers, initializer=_init_worker, initargs=(config, model_configs)
+            ) as pool:
+                running: dict[Future, _Chunk] = {}
+                queue = iter(pool_chunks)
+                # Keep a bounded number of chunks in flight so rows land as they finish.
+                for chunk in queue:
+                    running[pool.submit(_safe_process, chunk)] = chunk
+                    if len(running) >= 2 * config.num_workers:
+                        break
+                while running:
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        record(running.pop(future), future.result())
+                        nxt = next(queue, None)
+                        if nxt is not None:
+                            running[pool.submit(_safe_process, nxt)] = nxt
+    finally:
+        for bar in bars.values():
+            bar.close()
+
+
+def _safe_process(chunk: _Chunk) -> list[dict[str, Any]]:
+    """process_chunk, with a chunk-level failure recorded on each of its files."""
+    try:
+        return process_chunk(chunk)
+    except (EnhancementError, AudioError, RuntimeError, ValueError, OSError) as exc:
+        return [_error_row(fid, chunk.system, f"{type(exc).__name__}: {exc}") for fid in chunk.file_ids]
+
+
+def _write_if_changed(path: Path, columns: Sequence[str], rows: list[dict[str, Any]]) -> None:
+    """Rewrite a CSV atomically, but leave it untouched (mtime too) when nothing changed."""
+    text = csv_text(columns, rows)
+    if not path.exists() or path.read_text(encoding="utf-8") != text:
+        write_text_atomic(path, text)
+
+
+def _metric_means(rows: list[dict[str, Any]], systems: Sequence[str]) -> dict[str, dict[str, float]]:
+    means: dict[str, dict[str, float]] = {}
+    for system in systems:
+        ok = [r for r in rows if r["system"] == system and r["status"] == "ok"]
+        means[system] = {}
+        for metric in [*METRIC_COLUMNS, "seconds"]:
+            values = [float(r[metric]) for r in ok if r[metric] not in ("", None)]
+            values = [v for v in values if not math.isnan(v)]
+            means[system][metric] = float(np.mean(values)) if values else math.nan
+    return means
+
+
+def format_summary(summary: EnhancementSummary) -> str:
+    """Label distribution and the mean of every metric per system, as a printable table."""
+    lines = [
+        f"files: {summary.files}; pairs run now: {summary.pairs_done_now}, "
+        f"already complete: {summary.pairs_skipped}; errors: {summary.errors}; "
+        f"{summary.elapsed_s:.1f} s",
+        "",
+        "label distribution:",
+    ]
+    total = sum(summary.label_counts.values()) or 1
+    for label, count in summary.label_counts.items():
+        lines.append(f"  {label:<20} {count:>6}  {100 * count / total:5.1f}%")
+    metrics = [m for m in [*METRIC_COLUMNS, "seconds"] if any(
+        not math.isnan(v.get(m, math.nan)) for v in summary.metric_means.values())]
+    lines += ["", "mean per system:", "  " + f"{'system':<18}" + "".join(f"{m:>12}" for m in metrics)]
+    for system, values in summary.metric_means.items():
+        lines.append("  " + f"{system:<18}" + "".join(f"{values[m]:>12.3f}" for m in metrics))
+    return "\n".join(lines)
+
+
+__all__ = [
+    "EXIT_OK",
+    "EXIT_SOME_ERRORS",
+    "SCORE_COLUMNS",
+    "EnhancementConfig",
+    "EnhancementSummary",
+    "format_summary",
+    "run_enhancement",
+]

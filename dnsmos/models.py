@@ -144,20 +144,34 @@ def make_session(
     return ort.InferenceSession(model, sess_options=options, providers=providers)
 
 
-def check_io(
-    session: ort.InferenceSession, path: Path, input_dims: tuple[int, ...], output_dims: tuple[int, ...]
-) -> None:
-    """DnsmosModelError unless the model maps [N, *input_dims] to [N, *output_dims]."""
-    inputs, outputs = session.get_inputs(), session.get_outputs()
-    got_in = tuple(inputs[0].shape[1:]) if len(inputs) == 1 else None
-    got_out = tuple(outputs[0].shape[1:]) if len(outputs) == 1 else None
-    if inputs[0].name != MODEL_INPUT or got_in != input_dims or got_out != output_dims:
+def _dims(value: onnx.ValueInfoProto) -> tuple[int | str, ...]:
+    return tuple(
+        d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim
+    )
+
+
+def load_checked(path: Path, input_dims: tuple[int, ...], output_dims: tuple[int, ...]) -> onnx.ModelProto:
+    """The ONNX model at `path`; DnsmosModelError unless it maps [N, *input_dims] to [N, *output_dims]."""
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning-like errors, OSError
+        raise DnsmosModelError(f"{path}: cannot be read as an ONNX model ({exc})") from exc
+    constants = {t.name for t in model.graph.initializer}
+    inputs = [(v.name, _dims(v)) for v in model.graph.input if v.name not in constants]
+    outputs = [_dims(v) for v in model.graph.output]
+    expected_in, expected_out = (MODEL_INPUT, input_dims), output_dims
+    if (
+        len(inputs) != 1
+        or len(outputs) != 1
+        or (inputs[0][0], inputs[0][1][1:]) != expected_in
+        or outputs[0][1:] != expected_out
+    ):
         raise DnsmosModelError(
-            f"{path}: not the expected DNSMOS model: takes "
-            f"{[(i.name, i.shape) for i in inputs]} -> {[o.shape for o in outputs]}, expected "
+            f"{path}: not the expected DNSMOS model: takes {inputs} -> {outputs}, expected "
             f"{MODEL_INPUT} [N, {', '.join(map(str, input_dims))}] -> "
             f"[N, {', '.join(map(str, output_dims))}]"
         )
+    return model
 
 
 PRIMARY_IO = ((WINDOW_SAMPLES,), (3,))
@@ -200,16 +214,15 @@ def _layer_signature(node: onnx.NodeProto) -> tuple:
     )
 
 
-def split_primary(path: Path) -> tuple[bytes, bytes] | None:
+def split_primary(model: onnx.ModelProto) -> tuple[bytes, bytes] | None:
     """(trunk, tail) models of sig_bak_ovr.onnx, or None if its graph is not the known one.
 
     trunk: frames [N, T, 320] -> feature map [N, 32, T / 4, 40] (T a multiple of 4);
     tail: one window's feature map [N, 32, 225, 40] -> raw [N, 3] (SIG, BAK, OVR).
     """
-    model = onnx.load(str(path))
     tensors = {out for node in model.graph.node for out in node.output}
     if TRUNK_INPUT not in tensors or TRUNK_OUTPUT not in tensors:
-        log.info("%s: unknown graph, scoring whole windows", path)
+        log.info("%s: unknown primary graph, scoring whole windows", model.graph.name)
         return None
     trunk, trunk_nodes = _subgraph(model, TRUNK_INPUT, ["N", "T", 320], TRUNK_OUTPUT)
     layers = []
@@ -222,7 +235,7 @@ def split_primary(path: Path) -> tuple[bytes, bytes] | None:
         elif node.op_type not in TRUNK_PER_FRAME_OPS:
             layers.append(signature)
     if tuple(layers) != TRUNK_LAYERS:
-        log.info("%s: unexpected layers %s, scoring whole windows", path, layers)
+        log.info("%s: unexpected trunk layers %s, scoring whole windows", model.graph.name, layers)
         return None
     output = model.graph.output[0].name
     tail, _ = _subgraph(model, TRUNK_OUTPUT, ["N", 32, "R", 40], output)

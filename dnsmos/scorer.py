@@ -30,9 +30,9 @@ from dnsmos.models import (
     PRIMARY_IO,
     REGULAR,
     TRUNK_INPUT,
-    check_io,
     default_providers,
     find_model_files,
+    load_checked,
     make_session,
     split_primary,
 )
@@ -53,6 +53,9 @@ ROWS_PER_HOP = FRAMES_PER_HOP // ROW_FRAMES
 # 4r - 10 ... 4r + 13, so a 24-frame strip at an edge gives those 3 rows exactly.
 EDGE_ROWS = 3
 EDGE_FRAMES = 24
+# Whole windows through the full primary model (fallback path): about 0.2 GB of
+# activations each, and batching does not speed up CPU convolutions, so keep batches small.
+WHOLE_WINDOW_BATCH = 2
 
 REFERENCE_COLUMNS = (
     "filename",
@@ -128,6 +131,20 @@ def prepare_audio(audio: np.ndarray, sr: int) -> np.ndarray:
     return np.ascontiguousarray(audio, dtype=np.float32)
 
 
+def _run_batches(
+    session: ort.InferenceSession, queue: list[tuple[int, np.ndarray]], batch: int, final: bool
+) -> list[tuple[int, np.ndarray]]:
+    """Run full batches from the queue (and the remainder when final): (clip, output) pairs."""
+    results = []
+    input_name = session.get_inputs()[0].name
+    while len(queue) >= batch or (final and queue):
+        items = queue[:batch]
+        del queue[:batch]
+        outputs = session.run(None, {input_name: np.stack([x for _, x in items])})[0]
+        results.extend((index, out) for (index, _), out in zip(items, outputs, strict=True))
+    return results
+
+
 @dataclass
 class _Sessions:
     p808: ort.InferenceSession
@@ -154,7 +171,8 @@ class DNSMOS:
         num_threads: onnxruntime intra-op threads (None: onnxruntime's default, all cores).
         providers: onnxruntime providers (None: CUDA when available, else CPU).
         model_dir: a folder with the ONNX files (None: those bundled with speechmos).
-        batch_windows: windows per ONNX call for the per-window models (bounds memory).
+        batch_windows: windows per ONNX call for the per-window models (bounds memory;
+            whole windows on the fallback path go at most WHOLE_WINDOW_BATCH at a time).
         max_run_windows: consecutive windows whose trunk runs in one call (bounds memory).
         share_windows: compute overlapping windows' shared trunk once (False: every window
             through the whole primary model, like the reference).
@@ -167,7 +185,7 @@ class DNSMOS:
         providers: list[str] | None = None,
         model_dir: str | os.PathLike[str] | None = None,
         *,
-        batch_windows: int = 16,
+        batch_windows: int = 8,
         max_run_windows: int = 10,
         share_windows: bool = True,
     ) -> None:
@@ -198,13 +216,11 @@ class DNSMOS:
         return make_session(model, self.num_threads, self.providers)
 
     def _load(self) -> _Sessions:
-        p808 = self._session(str(self.files.p808))
-        check_io(p808, self.files.p808, *P808_IO)
-        primary = self._session(str(self.files.primary))
-        check_io(primary, self.files.primary, *PRIMARY_IO)
-        parts = split_primary(self.files.primary) if self.share_windows else None
+        p808 = self._session(load_checked(self.files.p808, *P808_IO).SerializeToString())
+        primary = load_checked(self.files.primary, *PRIMARY_IO)
+        parts = split_primary(primary) if self.share_windows else None
         if parts is None:
-            return _Sessions(p808, primary, None, None)
+            return _Sessions(p808, self._session(primary.SerializeToString()), None, None)
         trunk, tail = parts
         return _Sessions(p808, None, self._session(trunk), self._session(tail))
 
@@ -225,15 +241,18 @@ class DNSMOS:
             except ValueError as exc:
                 raise ValueError(f"clip {index}: {exc}") from exc
         sessions = self.sessions
-        primary_session = sessions.tail if sessions.trunk is not None else sessions.primary
+        if sessions.trunk is not None:
+            primary_session, primary_batch = sessions.tail, self.batch_windows
+        else:
+            primary_session, primary_batch = sessions.primary, min(self.batch_windows, WHOLE_WINDOW_BATCH)
         clips: list[_Clip] = []
         primary_queue: list[tuple[int, np.ndarray]] = []
         p808_queue: list[tuple[int, np.ndarray]] = []
 
         def drain(final: bool) -> None:
-            for index, out in self._run_batches(primary_session, primary_queue, final):
+            for index, out in _run_batches(primary_session, primary_queue, primary_batch, final):
                 clips[index].raw.append(out)
-            for index, out in self._run_batches(sessions.p808, p808_queue, final):
+            for index, out in _run_batches(sessions.p808, p808_queue, self.batch_windows, final):
                 clips[index].p808.append(float(out[0]))
 
         for index, audio in enumerate(prepared):
@@ -277,19 +296,6 @@ class DNSMOS:
             for w in range(n_windows - 1):
                 maps[w][:, -EDGE_ROWS:] = edges[n_windows - 1 + w][:, -EDGE_ROWS:]
         return maps
-
-    def _run_batches(
-        self, session: ort.InferenceSession, queue: list[tuple[int, np.ndarray]], final: bool
-    ) -> list[tuple[int, np.ndarray]]:
-        """Run full batches from the queue (and the remainder when final): (clip, output)."""
-        results = []
-        input_name = session.get_inputs()[0].name
-        while len(queue) >= self.batch_windows or (final and queue):
-            batch = queue[: self.batch_windows]
-            del queue[: self.batch_windows]
-            outputs = session.run(None, {input_name: np.stack([x for _, x in batch])})[0]
-            results.extend((index, out) for (index, _), out in zip(batch, outputs, strict=True))
-        return results
 
     def _summarise(self, clip: _Clip) -> ClipScores:
         raw = np.asarray(clip.raw, dtype=np.float64)  # [windows, 3]: SIG, BAK, OVR

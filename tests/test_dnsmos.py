@@ -193,6 +193,12 @@ def test_model_dir_layouts_and_errors(tmp_path: Path) -> None:
     with pytest.raises(DnsmosModelError, match="not the expected DNSMOS model"):
         DNSMOS(model_dir=swapped).score(np.zeros(16000, np.float32), 16000)
 
+    garbage = tmp_path / "garbage"
+    _link_models(garbage, {"model_v8.onnx": regular.p808})
+    (garbage / "sig_bak_ovr.onnx").write_bytes(b"\x00not onnx")
+    with pytest.raises(DnsmosModelError, match="cannot be read as an ONNX model"):
+        DNSMOS(model_dir=garbage).score(np.zeros(16000, np.float32), 16000)
+
 
 def test_cli_writes_reference_columns(tmp_path: Path, scorer: DNSMOS) -> None:
     rng = np.random.default_rng(9)

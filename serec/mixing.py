@@ -498,7 +498,8 @@ def _run_all(
     progress = {"total": len(items), "desc": desc, "unit": "file", "leave": False}
     if local is not None:
         return list(tqdm(map(getattr(local, method), items), **progress))
-    chunksize = max(1, len(items) // (8 * config.num_workers))
+    # Small chunks keep the progress bar moving; a task is milliseconds of work either way.
+    chunksize = max(1, min(8, len(items) // (4 * config.num_workers)))
     with Pool(config.num_workers, initializer=_init_worker, initargs=(config, noise_files)) as pool:
         results = pool.imap_unordered(partial(_call_worker, method), items, chunksize=chunksize)
         return list(tqdm(results, **progress))

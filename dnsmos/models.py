@@ -154,7 +154,7 @@ def load_checked(path: Path, input_dims: tuple[int, ...], output_dims: tuple[int
     """The ONNX model at `path`; DnsmosModelError unless it maps [N, *input_dims] to [N, *output_dims]."""
     try:
         model = onnx.load(str(path))
-    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning-like errors, OSError
+    except Exception as exc:  # protobuf's DecodeError, onnx's own errors, OSError
         raise DnsmosModelError(f"{path}: cannot be read as an ONNX model ({exc})") from exc
     constants = {t.name for t in model.graph.initializer}
     inputs = [(v.name, _dims(v)) for v in model.graph.input if v.name not in constants]
@@ -225,16 +225,13 @@ def split_primary(model: onnx.ModelProto) -> tuple[bytes, bytes] | None:
         log.info("%s: unknown primary graph, scoring whole windows", model.graph.name)
         return None
     trunk, trunk_nodes = _subgraph(model, TRUNK_INPUT, ["N", "T", 320], TRUNK_OUTPUT)
-    layers = []
-    for node in trunk_nodes:
-        signature = _layer_signature(node)
-        if node.op_type == "Conv" and signature[1] == (1,):
-            continue  # the STFT: a kernel-1 convolution over frames, per frame
-        if node.op_type in ("Conv", "MaxPool"):
-            layers.append(signature)
-        elif node.op_type not in TRUNK_PER_FRAME_OPS:
-            layers.append(signature)
-    if tuple(layers) != TRUNK_LAYERS:
+    # The STFT is a kernel-1 convolution over frames: per frame too.
+    layers = tuple(
+        signature
+        for signature in map(_layer_signature, trunk_nodes)
+        if signature[0] not in TRUNK_PER_FRAME_OPS and not (signature[0] == "Conv" and signature[1] == (1,))
+    )
+    if layers != TRUNK_LAYERS:
         log.info("%s: unexpected trunk layers %s, scoring whole windows", model.graph.name, layers)
         return None
     output = model.graph.output[0].name

@@ -226,3 +226,13 @@ def test_cli_writes_reference_columns(tmp_path: Path, scorer: DNSMOS) -> None:
         assert float(row["OVRL"]) == pytest.approx(expected.ovr, abs=1e-6)
         assert float(row["P808_MOS"]) == pytest.approx(expected.p808, abs=1e-6)
         assert float(row["SIG_raw"]) == pytest.approx(expected.sig_raw, abs=1e-6)
+
+
+def test_only_the_known_primary_graph_is_split() -> None:
+    import onnx
+
+    from dnsmos.models import split_primary
+
+    files = find_model_files(False)
+    assert split_primary(onnx.load(str(files.primary))) is not None
+    assert split_primary(onnx.load(str(files.p808))) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -169,7 +170,8 @@ def validate_options(
             raise ModelsConfigError(
                 f"{source}: [{name}] {key} = {value!r} is not one of {list(option.choices)}"
             )
-    merged = {key: option.default for key, option in allowed.items()}
+    # Copies, so that editing one enhancer's list or table never changes the defaults.
+    merged = {key: copy.deepcopy(option.default) for key, option in allowed.items()}
     merged.update(config)
     for key, option in allowed.items():
         if isinstance(option.kind, type) and option.kind is float and isinstance(merged[key], int):

@@ -108,8 +108,6 @@ class ExternalEnhancer(Enhancer):
                 self.config[key] = str(Path(value).expanduser().absolute())
         self.log_path: Path | None = Path(self.config["log_file"]) if self.config["log_file"] else None
 
-    # -- what subclasses define -------------------------------------------------------
-
     def model_problem(self) -> str | None:
         """Why the configured checkpoint / model cannot be used, or None."""
         return None
@@ -126,8 +124,6 @@ class ExternalEnhancer(Enhancer):
 
     def output_path(self, work: Path, name: str) -> Path:
         raise NotImplementedError
-
-    # -- checks ---------------------------------------------------------------------
 
     @property
     def repo(self) -> Path | None:
@@ -199,8 +195,6 @@ class ExternalEnhancer(Enhancer):
 
     def device_name(self) -> str:
         return self.device
-
-    # -- running --------------------------------------------------------------------
 
     def enhance_batch(
         self,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from serec.audio import SAMPLE_RATE, load_audio, write_wav
+from serec.audio import PCM16_SCALE, SAMPLE_RATE, load_audio, write_wav
 from serec.mixing import (
     CLIP_PEAK,
     METADATA_COLUMNS,
@@ -98,7 +98,7 @@ def test_mix_hits_the_target_snr_and_level(rng: np.random.Generator, snr_db: flo
         mixture.measured_snr_db, abs=1e-6
     )
     # noisy is exactly clean + noise on the 16-bit grid.
-    pcm = {name: np.round(getattr(mixture, name).astype(np.float64) * 32767).astype(int)
+    pcm = {name: np.round(getattr(mixture, name).astype(np.float64) * PCM16_SCALE).astype(int)
            for name in ("clean", "noise", "noisy")}
     np.testing.assert_array_equal(pcm["noisy"], pcm["clean"] + pcm["noise"])
     if not mixture.clipped:

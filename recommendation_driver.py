@@ -21,24 +21,18 @@ from pathlib import Path
 
 from serec.assessment import evaluate_rec_folders, format_summary
 from serec.enhancers import EnhancerUnavailable, ModelsConfigError, load_models_config
-from serec.recommender import (
-    CheckpointMismatch,
-    Recommender,
-    inference_seconds_per_file,
-    recommend_folder,
-)
 from serec.report import DEFAULT_LISTENING_ROWS, write_report
 from serec.routing import KEEP_NOISY, Route, copy_routed_files, enhance_routed_files
 from serec.runinfo import write_run_json
 from serec.strategies import (
     compare_strategies,
     format_strategies,
+    inference_seconds_per_file,
     load_choices,
     measure_dnsmos_seconds_per_file,
     read_enhancement_scores,
     write_strategies,
 )
-from serec.training import RecommenderError, resolve_device
 
 EXIT_OK, EXIT_USAGE, EXIT_SOME_ERRORS, EXIT_INTERRUPTED = 0, 2, 3, 130
 
@@ -92,9 +86,14 @@ def _check_folders(args: argparse.Namespace) -> None:
         raise ValueError("--enhanced_dir must not be inside --noisy_speech_dir (its copies would be read as input)")
 
 
-def _route_and_enhance(args: argparse.Namespace, device: str) -> int:
+def _route_and_enhance(args: argparse.Namespace) -> int:
     """Recommend, copy, enhance; returns the number of files recorded as errors."""
+    # Imported here: torch and transformers take seconds to load, and --eval_only needs neither.
+    from serec.recommender import CheckpointMismatch, Recommender, recommend_folder
+    from serec.training import resolve_device
+
     _check_folders(args)
+    device = str(resolve_device(args.device))
     recommender = Recommender.from_checkpoints(
         args.gatekeeper_model_path, args.expert_model_path, args.single_model_path,
         threshold=args.gatekeeper_threshold, device=device,
@@ -143,9 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     errors = 0
     try:
-        device = str(resolve_device(args.device))
         if not args.eval_only:
-            errors += _route_and_enhance(args, device)
+            errors += _route_and_enhance(args)
         evaluation = evaluate_rec_folders(args.enhanced_dir, args.clean_speech_dir, num_workers=args.num_workers)
         errors += evaluation.errors
         for message in evaluation.messages:
@@ -158,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         report = write_report(args.enhanced_dir, args.labels_csv, max_listening_rows=args.report_rows)
         write_run_json(args.enhanced_dir, args, mode="eval_only" if args.eval_only else "full")
         print(f"report: {report}")
-    except (CheckpointMismatch, RecommenderError, EnhancerUnavailable, ModelsConfigError,
-            FileNotFoundError, ValueError) as exc:
+    except (EnhancerUnavailable, ModelsConfigError, FileNotFoundError, ValueError) as exc:
+        # CheckpointMismatch and RecommenderError are ValueErrors.
         print(f"recommendation_driver: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

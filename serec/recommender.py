@@ -43,11 +43,9 @@ from serec.features import (
 from serec.fileio import RowLog, csv_text, write_csv_atomic, write_json_atomic, write_text_atomic
 from serec.labels import ALL_FAILED
 from serec.models import FbankSpec, fbank_batch, load_checkpoint, predict_proba
-from serec.routing import KEEP_NOISY, routed_model_for
+from serec.routing import KEEP_NOISY, RECOMMENDATIONS_CSV, RECOMMENDER_JSON, routed_model_for
 from serec.training import gatekeeper_rest_name
 
-RECOMMENDATIONS_CSV = "recommendations.csv"
-RECOMMENDER_JSON = "recommender.json"
 ERRORS_CSV = "errors.csv"
 ERROR_COLUMNS = ("file", "reason")
 SINGLE_COLUMN = "single_recommendation"
@@ -527,25 +525,6 @@ def csv_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> list[
     return list(csv.DictReader(io.StringIO(csv_text(columns, rows))))
 
 
-def read_recommendations(out_dir: str | os.PathLike[str]) -> list[dict[str, str]]:
-    """OUT/recommendations.csv rows (strings); FileNotFoundError when absent."""
-    path = Path(out_dir) / RECOMMENDATIONS_CSV
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found (run without --eval_only first)")
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
-
-
-def inference_seconds_per_file(out_dir: str | os.PathLike[str]) -> float:
-    """Mean recommender inference seconds per file recorded in recommender.json (NaN if none)."""
-    path = Path(out_dir) / RECOMMENDER_JSON
-    if not path.is_file():
-        return math.nan
-    timing = json.loads(path.read_text(encoding="utf-8")).get("inference", {})
-    files = int(timing.get("files", 0))
-    return float(timing.get("seconds", 0.0)) / files if files else math.nan
-
-
 __all__ = [
     "RECOMMENDATIONS_CSV",
     "RECOMMENDER_JSON",
@@ -556,9 +535,7 @@ __all__ = [
     "Recommender",
     "StageModel",
     "check_two_stage_pair",
-    "inference_seconds_per_file",
     "load_stage_model",
-    "read_recommendations",
     "recommend_folder",
     "recommendation_columns",
 ]

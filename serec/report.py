@@ -27,8 +27,7 @@ from matplotlib.figure import Figure
 
 from serec.assessment import EVALUATION_CSV, SUMMARY_CSV
 from serec.fileio import write_text_atomic
-from serec.recommender import RECOMMENDATIONS_CSV, RECOMMENDER_JSON
-from serec.routing import ENHANCED_DIR, rec_folder_name
+from serec.routing import ENHANCED_DIR, RECOMMENDATIONS_CSV, RECOMMENDER_JSON, rec_folder_name
 from serec.strategies import STRATEGIES_CSV, read_enhancement_scores
 
 REPORT_HTML = "report.html"

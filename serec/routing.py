@@ -41,9 +41,12 @@ from serec.enhancers import EnhancementError, Enhancer, create_enhancer
 from serec.fileio import RowLog, atomic_path, csv_text, write_text_atomic
 from serec.labels import ALL_FAILED
 
+# The recommendation step's output folder (OUT): these names are its layout.
 REC_PREFIX = "rec_"
 ENHANCED_DIR = "enhanced"
 ROUTING_CSV = "routing.csv"
+RECOMMENDATIONS_CSV = "recommendations.csv"
+RECOMMENDER_JSON = "recommender.json"
 ROUTING_COLUMNS = ["file", "recommendation", "routed_model", "status", "error", "seconds", "duration_s"]
 # The registry's passthrough enhancer: `--fallback_model none` keeps the noisy input.
 KEEP_NOISY = "none"
@@ -398,6 +401,8 @@ def _run_pending(
 __all__ = [
     "ENHANCED_DIR",
     "KEEP_NOISY",
+    "RECOMMENDATIONS_CSV",
+    "RECOMMENDER_JSON",
     "REC_PREFIX",
     "ROUTING_COLUMNS",
     "ROUTING_CSV",

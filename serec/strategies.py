@@ -28,7 +28,13 @@ import numpy as np
 from serec.audio import load_audio
 from serec.fileio import write_csv_atomic
 from serec.labels import LABEL_COLUMNS_FIXED, NOISY_SYSTEM
-from serec.routing import KEEP_NOISY, rec_folder_name, routed_model_for
+from serec.routing import (
+    KEEP_NOISY,
+    RECOMMENDATIONS_CSV,
+    RECOMMENDER_JSON,
+    rec_folder_name,
+    routed_model_for,
+)
 
 STRATEGIES_CSV = "strategies.csv"
 METRICS = ("dnsmos_ovr", "dnsmos_sig", "dnsmos_bak", "dnsmos_p808", "pesq_wb", "stoi", "estoi", "si_sdr")
@@ -266,11 +272,11 @@ def load_choices(
     whose groups are the recommendations.
     """
     out_dir = Path(out_dir)
-    recorded = out_dir / "recommender.json"
+    recorded = out_dir / RECOMMENDER_JSON
     if fallback_model is None and recorded.is_file():
         fallback_model = json.loads(recorded.read_text(encoding="utf-8")).get("fallback_model")
     fallback = fallback_model or KEEP_NOISY
-    rows = _read_csv(out_dir / "recommendations.csv")
+    rows = _read_csv(out_dir / RECOMMENDATIONS_CSV)
     if not rows:
         rows = [
             {"file": r["file"], "recommendation": r["group"],
@@ -278,10 +284,20 @@ def load_choices(
             for r in _read_csv(out_dir / "evaluation.csv")
         ]
     if not rows:
-        raise FileNotFoundError(f"{out_dir}: neither recommendations.csv nor evaluation.csv to compare")
+        raise FileNotFoundError(f"{out_dir}: neither {RECOMMENDATIONS_CSV} nor evaluation.csv to compare")
     for row in rows:
         row["noisy_copy"] = f"{rec_folder_name(row['recommendation'])}/{row['file']}"
     return rows, fallback
+
+
+def inference_seconds_per_file(out_dir: str | os.PathLike[str]) -> float:
+    """Mean recommender inference seconds per file recorded in recommender.json (NaN if none)."""
+    path = Path(out_dir) / RECOMMENDER_JSON
+    if not path.is_file():
+        return math.nan
+    timing = json.loads(path.read_text(encoding="utf-8")).get("inference", {})
+    files = int(timing.get("files", 0))
+    return float(timing.get("seconds", 0.0)) / files if files else math.nan
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -356,6 +372,7 @@ __all__ = [
     "StrategyRow",
     "compare_strategies",
     "format_strategies",
+    "inference_seconds_per_file",
     "measure_dnsmos_seconds_per_file",
     "read_enhancement_scores",
     "load_choices",

@@ -112,6 +112,8 @@ def _route_and_enhance(args: argparse.Namespace) -> int:
     for fid, reason in list(recs.errors.items())[:5]:
         print(f"  unusable: {fid}: {reason}", file=sys.stderr)
     routes = [Route(r["file"], r["recommendation"], r["routed_model"]) for r in recs.rows]
+    if not routes:
+        raise ValueError(f"no usable noisy file in {args.noisy_speech_dir}: see {args.enhanced_dir / 'errors.csv'}")
     copies = copy_routed_files(args.noisy_speech_dir, args.enhanced_dir, routes)
     print(f"routed: {copies.copied} copied, {copies.unchanged} already in place, "
           f"{copies.removed_stale} stale copies removed")

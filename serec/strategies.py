@@ -307,7 +307,7 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def measure_dnsmos_seconds_per_file(paths: Sequence[str | os.PathLike[str]], max_files: int = 32) -> float:
+def measure_dnsmos_seconds_per_file(paths: Sequence[str | os.PathLike[str]], max_files: int = 16) -> float:
     """Mean seconds DNSMOS takes to score one of these files, one thread, one file per call
     (as a run-all deployment scores each output); timed on up to `max_files` of them.
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -99,7 +100,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument(
-        "--num_threads", type=int, default=0, help="torch CPU threads (0: torch default)"
+        "--num_threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (default 0: half the cores, at least 1; "
+        "oversubscribed OpenMP threads slow training tenfold on a busy machine)",
     )
     p.add_argument("--gatekeeper_class", help="the gatekeeper's label (default: most frequent)")
     p.add_argument("--gatekeeper_model_path", default="gatekeeper_model_fold_{fold}_best.pth")
@@ -111,8 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.num_threads > 0:
-        torch.set_num_threads(args.num_threads)
+    torch.set_num_threads(args.num_threads or max(1, (os.cpu_count() or 2) // 2))
     try:
         cfg = RecommenderConfig(
             **{f.name: getattr(args, f.name) for f in fields(RecommenderConfig)}

@@ -85,7 +85,11 @@ def common_flags(corpus: dict[str, Path]) -> list[str]:
 
 
 def run_stage(corpus: dict[str, Path], stage: str, *extra: str) -> int:
-    return cli_main()(["--training_stage", stage, *common_flags(corpus), *extra])
+    threads = torch.get_num_threads()  # main() sets torch's process-wide thread count
+    try:
+        return cli_main()(["--training_stage", stage, *common_flags(corpus), *extra])
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,5 @@
-"""Recommender evaluation on the shared folds: per-fold classification metrics, the
-two-stage pipeline (gatekeeper k then expert k) with its bottleneck analysis and a
-gatekeeper threshold chosen on inner validation, the single model and the baselines
-(tabular, majority, stratified random), and the reports (JSON, CSV, PNG, one table).
-"""
+"""Recommender evaluation on the shared folds: metrics, the two-stage pipeline with its
+bottleneck analysis and threshold sweep, the single model and baselines, and reports."""
 
 from __future__ import annotations
 

@@ -1,11 +1,5 @@
-"""The recommender's classifiers: an AST (optionally hybrid with CE/KL features), a
-logistic-regression baseline on features, their fbank inputs, and their checkpoints.
-
-Both classifiers hold their feature scaler (mean and scale fitted on a fold's training
-part) as buffers and standardise raw feature vectors themselves, so a caller can never
-forget or mismatch the scaling. Checkpoints are `.pth` files that `torch.load(...,
-weights_only=True)` opens: a state dict plus plain metadata (design.md, Checkpoints).
-"""
+"""The recommender's classifiers (AST, hybrid AST + features, logistic regression), their
+fbank inputs, and weights_only-loadable checkpoints with the feature scaler inside."""
 
 from __future__ import annotations
 

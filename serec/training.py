@@ -1,11 +1,5 @@
-"""Recommender training protocol: labels, speaker-grouped folds shared by every stage, the
-inner validation split, cached fbank inputs, feature scaling, the training loop and the
-per-fold gatekeeper / expert / single checkpoints.
-
-The protocol fixes the thesis' leaks (upstream.md section 1): folds are stratified by
-label and grouped by speaker, written once to folds.csv and reused by every stage; the
-best epoch, early stopping and the feature scaler use only the fold's training part.
-"""
+"""Recommender training protocol: shared speaker-grouped folds, inner validation, cached
+fbank inputs, scaler, training loop and per-fold gatekeeper / expert / single checkpoints."""
 
 from __future__ import annotations
 
@@ -154,6 +148,10 @@ class RecommenderConfig:
 
 # ---------------------------------------------------------------------------------------
 # Labels, groups, folds
+#
+# These fix the thesis' leaks (upstream.md section 1): folds are stratified by label and
+# grouped by speaker, written once to folds.csv and reused by every stage; the best
+# epoch, early stopping and the feature scaler use only the fold's training part.
 
 
 def read_labels(path: str | os.PathLike[str]) -> pd.DataFrame:

@@ -132,8 +132,14 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench_dnsmos_") as tmp:
         clips, source = load_inputs(args, Path(tmp))
+    from dnsmos.windows import plan_windows
+
     seconds = np.array([c.size / 16000 for c in clips])
-    print(f"input: {source}; {seconds.min():.1f}-{seconds.max():.1f} s, mean {seconds.mean():.2f} s")
+    windows = sum(len(plan_windows(c.size).starts) for c in clips)
+    print(
+        f"input: {source}; {seconds.min():.1f}-{seconds.max():.1f} s, mean {seconds.mean():.2f} s; "
+        f"{windows} scored 9.01 s windows ({windows / len(clips):.2f} per file)"
+    )
     results = {}
     for variant in args.variants:
         r = bench_variant(clips, variant == "personalized", args.block, args.num_threads)

@@ -29,10 +29,6 @@ class WindowPlan:
     num_hops: int
     starts: tuple[int, ...]
 
-    @property
-    def len_in_sec(self) -> float:
-        return self.n_samples / SAMPLE_RATE
-
 
 def plan_windows(n_samples: int) -> WindowPlan:
     """The reference's tiling, hop count and window starts for a clip of `n_samples` at 16 kHz."""

@@ -344,13 +344,14 @@ def read_csv_rows(path: str | os.PathLike[str]) -> list[dict[str, str]]:
 
 def format_summary(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = ("dnsmos_ovr", "pesq_wb", "stoi")) -> str:
     """Enhanced mean [95% CI] and improvement per group, for the terminal."""
-    lines = [f"  {'group':<20}{'metric':<12}{'n':>5}{'noisy':>9}{'enhanced [95% CI]':>26}{'delta [95% CI]':>26}"]
+    width = max([len("group"), *(len(str(r["group"])) for r in rows)]) + 2
+    lines = [f"  {'group':<{width}}{'metric':<12}{'n':>5}{'noisy':>9}{'enhanced [95% CI]':>26}{'delta [95% CI]':>26}"]
     for row in rows:
         if row["metric"] not in metrics:
             continue
         enh = f"{_f(row['enhanced_mean'])} [{_f(row['enhanced_ci95_low'])}, {_f(row['enhanced_ci95_high'])}]"
         delta = f"{_f(row['delta_mean'], True)} [{_f(row['delta_ci95_low'], True)}, {_f(row['delta_ci95_high'], True)}]"
-        lines.append(f"  {row['group']:<20}{row['metric']:<12}{row['n']:>5}{_f(row['noisy_mean']):>9}{enh:>26}{delta:>26}")
+        lines.append(f"  {row['group']:<{width}}{row['metric']:<12}{row['n']:>5}{_f(row['noisy_mean']):>9}{enh:>26}{delta:>26}")
     return "\n".join(lines)
 
 

@@ -140,8 +140,8 @@ def _strategies_section(strategies: Sequence[Mapping[str, str]]) -> str:
     if not strategies:
         return ("<p>No strategy comparison: pass <code>--labels_csv</code> (enhancement_driver's "
                 "labels.csv for the same files) to compare with single models and the oracle.</p>")
-    metrics = [m for m in ("dnsmos_ovr", "dnsmos_sig", "dnsmos_bak", "pesq_wb", "stoi", "estoi", "si_sdr")
-               if any(r.get(m) for r in strategies)]
+    # The headline metrics; strategies.csv has every one.
+    metrics = [m for m in ("dnsmos_ovr", "pesq_wb", "stoi", "si_sdr") if any(r.get(m) for r in strategies)]
     columns = ["strategy", "files", *metrics, "oracle gain captured", "enhancer s",
                "recommender s", "DNSMOS s", "total s"]
     rows = [
@@ -172,7 +172,7 @@ def _mix_section(recommendations: Sequence[Mapping[str, str]]) -> str:
     ax.bar(labels, [counts[k] for k in labels], color="#4c72b0")
     ax.set_ylabel("files")
     ax.set_title("recommendations")
-    ax.tick_params(axis="x", rotation=30)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
     total = sum(counts.values())
     rows = [[k, counts[k], f"{100 * counts[k] / total:.1f}%"] for k in labels]
     routed_rows = [[k, routed[k]] for k in sorted(routed, key=lambda k: -routed[k])]
@@ -190,7 +190,9 @@ def _boxplot(groups: Mapping[str, Sequence[float]], title: str, ylabel: str) -> 
     if not data:
         return ""
     fig, ax = _figure(max(4, 1.2 * len(data)), 3.2)
-    ax.boxplot(list(data.values()), tick_labels=[f"{k}\n(n={len(v)})" for k, v in data.items()])
+    ax.boxplot(list(data.values()))
+    ax.set_xticks(range(1, len(data) + 1), [f"{k} (n={len(v)})" for k, v in data.items()],
+                  rotation=30, ha="right")
     ax.set_title(title)
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)

@@ -40,6 +40,9 @@ STRATEGIES_CSV = "strategies.csv"
 METRICS = ("dnsmos_ovr", "dnsmos_sig", "dnsmos_bak", "dnsmos_p808", "pesq_wb", "stoi", "estoi", "si_sdr")
 SELECTION_METRIC = "dnsmos_ovr"
 PRINTED_METRICS = ("dnsmos_ovr", "pesq_wb", "stoi")
+# Below this oracle headroom (mean OVR over the best single model) the captured fraction is
+# flagged as unstable when printed.
+SMALL_HEADROOM = 0.05
 STRATEGY_COLUMNS = [
     "strategy",
     "description",
@@ -334,6 +337,8 @@ def format_strategies(comparison: StrategyComparison) -> str:
     best = comparison.row(f"always_{comparison.best_single}")
     oracle = comparison.row("oracle")
     run_all = comparison.row("run_all_pick_best_ovr")
+    headroom = oracle.means[SELECTION_METRIC] - best.means[SELECTION_METRIC]
+    width = max(len("strategy"), *(len(r.strategy) for r in comparison.rows)) + 2
     lines = [
         f"strategies on {len(comparison.files)} files"
         + (f" ({len(comparison.left_out)} left out: no complete scores)" if comparison.left_out else ""),
@@ -343,13 +348,15 @@ def format_strategies(comparison: StrategyComparison) -> str:
         f"  run-all-and-pick OVR:       {run_all.means[SELECTION_METRIC]:.3f}",
         f"  oracle gain captured:       {_pct(comparison.captured_fraction)}"
         "  ((adaptive - best single) / (oracle - best single))",
+        *([f"  note: the oracle beats the best single model by only {headroom:.3f} OVR, so the "
+           "captured fraction is a ratio of small differences"] if headroom < SMALL_HEADROOM else []),
         "",
-        f"  {'strategy':<28}" + "".join(f"{m:>12}" for m in metrics)
+        f"  {'strategy':<{width}}" + "".join(f"{m:>12}" for m in metrics)
         + f"{'captured':>10}{'enhancer_s':>12}{'recommend_s':>12}{'dnsmos_s':>10}{'total_s':>10}",
     ]
     for row in comparison.rows:
         lines.append(
-            f"  {row.strategy:<28}" + "".join(f"{row.means[m]:>12.3f}" for m in metrics)
+            f"  {row.strategy:<{width}}" + "".join(f"{row.means[m]:>12.3f}" for m in metrics)
             + f"{_pct(row.oracle_gain_captured):>10}{row.enhancer_seconds:>12.2f}"
             + f"{_num(row.recommender_seconds):>12}{_num(row.dnsmos_seconds):>10}{_num(row.total_seconds):>10}"
         )

@@ -18,7 +18,7 @@ from transformers import ASTModel
 from serec.audio import load_audio, to_pcm16, write_wav
 from serec.enhancers import create_enhancer
 from serec.evaluation import route_two_stage
-from serec.features import feature_names, file_features
+from serec.features import feature_names, feature_path, file_features, run_feature_extraction
 from serec.fileio import write_csv_atomic, write_json_atomic
 from serec.models import (
     ASTRecommender,
@@ -106,6 +106,22 @@ def test_two_stage_probabilities_and_routing(tmp_path: Path, three_files: Path) 
     assert (again.predicted_now, again.reused) == (0, 3)
     assert all(r["routed_model"] == "speex" for r in _read(out / "recommendations.csv")
                if r["recommendation"] == "All_Failed")
+
+
+def test_features_read_from_a_features_folder(tmp_path: Path, three_files: Path) -> None:
+    gk = _ast_checkpoint(tmp_path / "gk.pth", "gatekeeper", ["rnnoise", "not_rnnoise"])
+    ex = _ast_checkpoint(tmp_path / "ex.pth", "expert", ["All_Failed", "speex"], features=CEKL, seed=3)
+    recommender = Recommender.from_checkpoints(gk, ex)
+    computed = recommend_folder(recommender, three_files, tmp_path / "out1", "rnnoise")
+    feat_dir = tmp_path / "feat"
+    run_feature_extraction(three_files, feat_dir)
+    read = recommend_folder(recommender, three_files, tmp_path / "out2", "rnnoise", features_dir=feat_dir)
+    assert [r["p_speex"] for r in read.rows] == [r["p_speex"] for r in computed.rows]
+    # The vectors really come from the folder: a changed vector changes that file's output.
+    np.save(feature_path(feat_dir, "x1.wav"), np.full(len(CEKL), 50.0, dtype=np.float32))
+    changed = recommend_folder(recommender, three_files, tmp_path / "out3", "rnnoise", features_dir=feat_dir)
+    differs = [a["p_speex"] != b["p_speex"] for a, b in zip(changed.rows, read.rows, strict=True)]
+    assert differs == [False, True, False]
 
 
 def test_mismatched_checkpoints_are_refused(tmp_path: Path, three_files: Path) -> None:

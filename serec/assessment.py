@@ -1,11 +1,5 @@
-"""Evaluate routed output: pair each rec_<LABEL>/ noisy copy with its enhanced file (and
-clean reference), score both, and summarise per rec group and overall with 95% t-intervals.
-
-Writes OUT/evaluation.csv (one row per file: noisy, enhanced and delta = enhanced - noisy
-for every metric) and OUT/summary.csv (per group and `all`, per metric: mean and 95%
-confidence interval of the noisy input, the enhanced output and the improvement). Rows are
-appended as chunks finish and reused by a re-run while the files they were scored from
-are unchanged (`inputs_sha1`), so an interrupted evaluation resumes.
+"""Evaluate routed output: noisy vs enhanced scores per file (evaluation.csv) and per rec group
+with 95% t-intervals (summary.csv).
 """
 
 from __future__ import annotations
@@ -253,7 +247,14 @@ def evaluate_rec_folders(
     num_workers: int = 1,
     chunk_size: int = 8,
 ) -> EvaluationSummary:
-    """Score every rec folder's files; write evaluation.csv and summary.csv (see module doc)."""
+    """Score every rec folder's files; write evaluation.csv and summary.csv.
+
+    evaluation.csv: one row per file with noisy, enhanced and delta = enhanced - noisy for
+    every metric. summary.csv: per group and `all`, per metric, the mean and 95% confidence
+    interval of the noisy input, the enhanced output and the improvement. Rows are appended
+    as chunks finish and reused by a re-run while the files they were scored from are
+    unchanged (`inputs_sha1`), so an interrupted evaluation resumes.
+    """
     out_dir = Path(out_dir)
     pairing = pair_rec_folders(out_dir, clean_dir)
     routed = _routed_models(out_dir)

@@ -1,15 +1,4 @@
-"""The recommender at inference: gatekeeper + expert checkpoints (or one single model) give,
-for each new noisy file, class probabilities, the recommended label and the model to run.
-
-Two-stage probabilities: P(gatekeeper class) comes from the gatekeeper, and every expert
-class c gets P(not gatekeeper) * P_expert(c), so the row sums to 1. The recommendation is
-the pipeline's decision, as in `serec.evaluation.route_two_stage`: the gatekeeper class
-when its probability reaches the threshold, else the expert's top class.
-
-Stage, classes and feature names come from the checkpoints' metadata; a pair trained on
-different folds or labels, whose classes do not partition, or whose feature names differ
-is refused with a `CheckpointMismatch` that says which.
-"""
+"""The recommender at inference: class probabilities, recommendation and routed model per new file."""
 
 from __future__ import annotations
 
@@ -140,8 +129,16 @@ class BatchPrediction:
 class Recommender:
     """Gatekeeper + expert (two-stage) routing, or a single model's; optionally both.
 
-    With gatekeeper, expert and single all given, the two-stage pipeline routes and the
-    single model's pick is reported beside it for comparison.
+    Two-stage probabilities: P(gatekeeper class) comes from the gatekeeper, and every expert
+    class c gets P(not gatekeeper) * P_expert(c), so the row sums to 1. The recommendation
+    is the pipeline's decision, as in `serec.evaluation.route_two_stage`: the gatekeeper
+    class when its probability reaches the threshold, else the expert's top class.
+
+    Stage, classes and feature names come from the checkpoints' metadata; a pair trained on
+    different folds or labels, whose classes do not partition, or whose feature names
+    differ is refused with a `CheckpointMismatch` that says which. With gatekeeper, expert
+    and single all given, the two-stage pipeline routes and the single model's pick is
+    reported beside it for comparison.
     """
 
     def __init__(

@@ -1,9 +1,5 @@
-"""OUT/report.html: one self-contained page on a recommendation run (tables, plots embedded
-as PNG data URIs, audio players linking the WAVs by relative path; no scripts, no external
-resources), so it opens from disk in any browser and can be moved together with OUT.
-
-Plots use matplotlib's object API (`Figure`, Agg rendering), not pyplot: no GUI backend and
-no global figure state, so building a report never needs a display.
+"""OUT/report.html: one self-contained page (tables, inline PNG plots, audio linked by relative
+path; no scripts or external resources) that opens from disk in any browser.
 """
 
 from __future__ import annotations
@@ -65,6 +61,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def _figure(width: float, height: float) -> tuple[Figure, Any]:
+    # matplotlib's object API rather than pyplot: no GUI backend, no global figure state.
     fig = Figure(figsize=(width, height))
     return fig, fig.subplots()
 

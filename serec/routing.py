@@ -1,16 +1,5 @@
 """Route each noisy file to its recommended model: a copy in OUT/rec_<LABEL>/, enhanced into
-OUT/rec_<LABEL>/enhanced/ by the routed enhancer.
-
-This avoids the thesis' routing bugs (upstream.md section 1): every copy holds its own
-file's bytes (checked by content on every run), folder names never contain spaces
-(`rec_All_Failed`), All_Failed files are enhanced too (by the fallback model), and folders
-are created and searched in the same OUT dir (`find_rec_folders`).
-
-Resumable like the enhancement step: copies and enhanced WAVs are written atomically, one
-row per file is appended to `routing.csv` as its chunk finishes, and a re-run skips files
-whose copy is byte-identical to the input and whose enhanced output and row are complete.
-A file whose recommendation changed is moved: its copy and output in the old folder are
-removed, so each file is in exactly one rec folder.
+OUT/rec_<LABEL>/enhanced/ by the routed enhancer (All_Failed: the fallback model).
 """
 
 from __future__ import annotations
@@ -128,9 +117,12 @@ def copy_routed_files(
 ) -> CopySummary:
     """Copy each file's own bytes into its rec folder, once; remove it from any other rec folder.
 
-    A copy that already matches its source byte for byte is kept (with its enhanced
-    output); a differing one is rewritten atomically and its enhanced output removed,
-    since that output came from other audio.
+    This avoids the thesis' routing bugs (upstream.md section 1): every copy holds its own
+    file's bytes (compared on every run), folder names have no spaces (`rec_All_Failed`),
+    and folders are created and searched in the same OUT dir (`find_rec_folders`). A copy
+    that already matches its source byte for byte is kept (with its enhanced output); a
+    differing one is rewritten atomically and its enhanced output removed, since that
+    output came from other audio. A file whose recommendation changed is moved.
     """
     noisy_dir, out_dir = Path(noisy_dir), Path(out_dir)
     if len({r.file for r in routes}) != len(routes):
@@ -312,7 +304,13 @@ def enhance_routed_files(
     chunk_size: int = 8,
     retry_errors: bool = False,
 ) -> EnhanceSummary:
-    """Run each file's routed enhancer on its rec-folder copy (copies must exist); resumable."""
+    """Run each file's routed enhancer on its rec-folder copy (copies must exist).
+
+    All_Failed files are enhanced too, by the route's fallback model. Resumable like the
+    enhancement step: outputs are written atomically, one routing.csv row per file is
+    appended as its chunk finishes, and a re-run skips files whose output and row are
+    complete (failed files are retried only with `retry_errors`).
+    """
     out_dir = Path(out_dir)
     model_configs = dict(model_configs or {})
     enhancers = check_enhancers([r.routed_model for r in routes], model_configs, device, seed)

@@ -1,14 +1,5 @@
-"""Is adaptive selection worth it? Compare, on the enhancement step's scores for the same
-files, the recommender's choice with always running one model, the oracle (best model per
-file), a random choice and running every model then keeping the best DNSMOS OVR: mean
-scores, the share of the oracle's gain the recommender captures, and compute cost.
-
-All strategies are scored from ENH/scores.csv, so they use the same measurements; files
-where some model has no score are left out of every strategy (and counted). The oracle and
-run-all-and-pick choose the same model (highest DNSMOS OVR), so they score the same; they
-differ in cost: the oracle is a bound that knows the answer for free, run-all pays for
-every model plus DNSMOS on every output (DNSMOS needs no reference, so it is possible at
-inference).
+"""Is adaptive selection worth it? The recommender's choice vs single models, the oracle, a random
+choice and run-all-and-pick: mean scores, share of the oracle's gain captured, compute cost.
 """
 
 from __future__ import annotations
@@ -192,6 +183,13 @@ def compare_strategies(
     dnsmos_seconds_per_file: float = math.nan,
 ) -> StrategyComparison:
     """Every strategy on the files that have a recommendation and every model's score.
+
+    All strategies are scored from ENH/scores.csv, so they use the same measurements; files
+    where some model has no score are left out of every strategy (and counted). The oracle
+    and run-all-and-pick choose the same model (highest DNSMOS OVR), so they score the
+    same; they differ in cost: the oracle is a bound that knows the answer for free,
+    run-all pays for every model plus DNSMOS on every output (DNSMOS needs no reference,
+    so it is possible at inference).
 
     `recommendations` are recommendations.csv rows (`file`, `recommendation`,
     `routed_model`, optional `single_recommendation`, routed like the two-stage's with

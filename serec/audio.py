@@ -30,9 +30,10 @@ MAX_SECONDS = 3600.0
 # a few LSB (about -90 dBFS) and nothing audible is that quiet.
 SILENCE_PEAK = 1e-4
 AUDIO_SUFFIXES = (".wav", ".flac")
-# to_pcm16 maps float x to round(x * PCM16_SCALE); k / PCM16_SCALE is the float that
-# write_wav turns back into exactly k (callers that build int16 signals use it).
-PCM16_SCALE = 32767.0
+# libsndfile reads int16 k as k / 32768, so writing uses the same scale: load_audio of a
+# written file gives back exactly the quantised signal, and k / PCM16_SCALE is the float
+# that write_wav turns back into exactly k (callers that build int16 signals use it).
+PCM16_SCALE = 32768.0
 
 Seconds = float
 
@@ -137,9 +138,14 @@ def load_audio(
 
 
 def to_pcm16(audio: np.ndarray) -> np.ndarray:
-    """Float [-1, 1] to int16 with clipping and rounding (the one place samples are quantised)."""
-    clipped = np.clip(np.asarray(audio, dtype=np.float64), -1.0, 1.0)
-    return np.round(clipped * PCM16_SCALE).astype(np.int16)
+    """Float [-1, 1] to int16 with rounding and clipping (the one place samples are quantised)."""
+    scaled = np.round(np.asarray(audio, dtype=np.float64) * PCM16_SCALE)
+    return np.clip(scaled, -32768, 32767).astype(np.int16)
+
+
+def quantise_pcm16(audio: np.ndarray) -> np.ndarray:
+    """The float signal a 16-bit WAV of `audio` holds: what a reader of the written file sees."""
+    return (to_pcm16(audio) / PCM16_SCALE).astype(np.float32)
 
 
 def write_wav(path: str | os.PathLike[str], audio: np.ndarray, sr: int = SAMPLE_RATE) -> Path:

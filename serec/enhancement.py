@@ -31,6 +31,7 @@ from serec.audio import (
     file_id,
     list_audio_files,
     load_audio,
+    quantise_pcm16,
     write_wav,
 )
 from serec.enhancers import EnhancementError, Enhancer, create_enhancer, load_models_config
@@ -181,7 +182,8 @@ def process_chunk(chunk: _Chunk) -> list[dict[str, Any]]:
                 rows[fid] = _error_row(fid, chunk.system, str(result), audio.size / SAMPLE_RATE)
                 continue
             write_wav(config.output_dir / "enhanced" / chunk.system / fid, result)
-            outputs.append((fid, result, ref, note, seconds))
+            # Score what the WAV holds, so scores match a later evaluation of the file.
+            outputs.append((fid, quantise_pcm16(result), ref, note, seconds))
 
     scorer: QualityScorer = _state["scorer"]
     scored = scorer.score_batch([o[1] for o in outputs], [o[2] for o in outputs])

@@ -17,12 +17,13 @@ from serec.audio import (
     file_id,
     list_audio_files,
     load_audio,
+    quantise_pcm16,
     resample,
     to_pcm16,
     write_wav,
 )
 
-LSB = 1 / 32767
+LSB = 1 / 32768
 
 
 def sine(freq: float, seconds: float, sr: int, amplitude: float = 0.5) -> np.ndarray:
@@ -39,10 +40,12 @@ def test_wav_round_trip(tmp_path: Path, rng: np.random.Generator) -> None:
     np.testing.assert_array_equal(sf.read(str(path), dtype="int16")[0], to_pcm16(audio))
     loaded = load_audio(path)
     assert loaded.dtype == np.float32 and loaded.shape == audio.shape
-    # Half an LSB of rounding, plus libsndfile reading int16 as k / 32768 (vs PCM16_SCALE).
-    assert np.max(np.abs(loaded - audio)) <= 0.5 * LSB + 0.9 * abs(1 - PCM16_SCALE / 32768)
+    # Half an LSB of rounding, and reading gives back exactly the quantised signal.
+    assert np.max(np.abs(loaded - audio)) <= 0.5 * LSB
+    np.testing.assert_array_equal(loaded, quantise_pcm16(audio))
+    np.testing.assert_array_equal(load_audio(write_wav(tmp_path / "again.wav", loaded)), loaded)
     # k / PCM16_SCALE is written back as exactly k.
-    pcm = np.array([-32767, -16385, -1, 0, 1, 16385, 32767], dtype=np.int16)
+    pcm = np.array([-32768, -16385, -1, 0, 1, 16385, 32767], dtype=np.int16)
     write_wav(path, pcm / PCM16_SCALE)
     np.testing.assert_array_equal(sf.read(str(path), dtype="int16")[0], pcm)
 
@@ -61,7 +64,7 @@ def test_write_wav_is_atomic_and_refuses_bad_input(tmp_path: Path) -> None:
 
 def test_to_pcm16_clips_and_rounds() -> None:
     pcm = to_pcm16(np.array([-2.0, -1.0, 0.49 * LSB, 0.51 * LSB, 1.0, 3.0]))
-    np.testing.assert_array_equal(pcm, [-32767, -32767, 0, 1, 32767, 32767])
+    np.testing.assert_array_equal(pcm, [-32768, -32768, 0, 1, 32767, 32767])
 
 
 def test_stereo_is_downmixed_by_averaging(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from serec.audio import SAMPLE_RATE, to_pcm16
+from serec.audio import PCM16_SCALE, SAMPLE_RATE, to_pcm16
 from serec.enhancers.base import (
     EnhancementError,
     Enhancer,
@@ -26,8 +26,6 @@ from serec.enhancers.base import (
     to_rate,
 )
 from serec.enhancers.registry import register_enhancer
-
-PCM_SCALE = 32767.0
 
 
 def run_delay_compensated(
@@ -126,13 +124,13 @@ class RNNoise(BuiltinEnhancer):
         try:
             def run(padded: np.ndarray) -> np.ndarray:
                 # RNNoise works on int16-scaled floats, in place, one frame at a time.
-                buf = np.ascontiguousarray(padded * PCM_SCALE, dtype=np.float32)
+                buf = np.ascontiguousarray(padded * PCM16_SCALE, dtype=np.float32)
                 base = buf.ctypes.data
                 step = ctypes.sizeof(ctypes.c_float) * self.frame
                 for i in range(buf.size // self.frame):
                     ptr = ctypes.cast(base + i * step, ctypes.POINTER(ctypes.c_float))
                     rnnoise.lib.rnnoise_process_frame(state, ptr, ptr)
-                return buf / PCM_SCALE
+                return buf / PCM16_SCALE
 
             return run_delay_compensated(audio, self.frame, self.delay, run)
         finally:
@@ -169,7 +167,7 @@ class WebRTCNoiseSuppression(BuiltinEnhancer):
             for i in range(0, pcm.size, self.frame):
                 chunk = processor.Process10ms(pcm[i : i + self.frame].tobytes())
                 out[i : i + self.frame] = np.frombuffer(chunk.audio, dtype=np.int16)
-            return out.astype(np.float32) / PCM_SCALE
+            return out.astype(np.float32) / PCM16_SCALE
 
         return run_delay_compensated(audio, self.frame, self.delay, run)
 
@@ -197,7 +195,7 @@ class SpeexNoiseSuppression(BuiltinEnhancer):
             out = np.empty_like(pcm)
             for i in range(0, pcm.size, frame):
                 out[i : i + frame] = np.frombuffer(suppressor.process(pcm[i : i + frame].tobytes()), dtype=np.int16)
-            return out.astype(np.float32) / PCM_SCALE
+            return out.astype(np.float32) / PCM16_SCALE
 
         return run_delay_compensated(audio, frame, frame, run)
 

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from serec.audio import SAMPLE_RATE, AudioError, list_audio_files, load_audio
 from serec.enhancement import METRIC_COLUMNS
 from serec.fileio import RowLog, csv_text, write_csv_atomic, write_text_atomic
+from serec.parallel import use_single_thread
 from serec.quality import QualityScorer
 from serec.routing import ENHANCED_DIR, ROUTING_CSV, find_rec_folders, group_files
 
@@ -155,7 +156,7 @@ _state: dict[str, Any] = {}
 
 def _init_worker(num_threads: int | None) -> None:
     if num_threads == 1:
-        os.environ["OMP_NUM_THREADS"] = "1"
+        use_single_thread()
     _state["scorer"] = QualityScorer(num_threads=num_threads)
 
 

@@ -11,7 +11,6 @@ processes. External (subprocess) enhancers run in the main process with big batc
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import time
 from collections import Counter
@@ -37,6 +36,7 @@ from serec.audio import (
 from serec.enhancers import EnhancementError, Enhancer, create_enhancer, load_models_config
 from serec.fileio import RowLog, csv_text, write_text_atomic
 from serec.labels import NOISY_SYSTEM, LabelRule, label_columns, label_files
+from serec.parallel import use_single_thread
 from serec.quality import QualityScorer
 from serec.runinfo import write_run_json
 
@@ -105,14 +105,7 @@ _state: dict[str, Any] = {}
 
 
 def _init_worker(config: EnhancementConfig, model_configs: dict[str, dict]) -> None:
-    # One thread per worker: N workers then use N cores without oversubscription.
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:
-        pass
+    use_single_thread()
     _state.clear()
     _state["config"] = config
     _state["model_configs"] = model_configs

@@ -29,6 +29,7 @@ from serec.audio import (
 from serec.enhancers import EnhancementError, Enhancer, create_enhancer
 from serec.fileio import RowLog, atomic_path, csv_text, write_text_atomic
 from serec.labels import ALL_FAILED
+from serec.parallel import use_single_thread
 
 # The recommendation step's output folder (OUT): these names are its layout.
 REC_PREFIX = "rec_"
@@ -182,14 +183,7 @@ def _init_worker(
     single_thread: bool,
 ) -> None:
     if single_thread:
-        # One thread per worker: N workers then use N cores without oversubscription.
-        os.environ["OMP_NUM_THREADS"] = "1"
-        try:
-            import torch
-
-            torch.set_num_threads(1)
-        except ImportError:
-            pass
+        use_single_thread()
     _state.clear()
     _state.update(out_dir=out_dir, model_configs=model_configs, device=device, seed=seed, enhancers={})
 

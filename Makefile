@@ -6,7 +6,7 @@ STAMP := $(VENV)/.serec-installed
 # torch is pinned and installed first: a looser spec would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test lint demo clean-venv
+.PHONY: install system-deps test lint demo clean-venv
 
 install: $(STAMP)
 
@@ -18,14 +18,33 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-test: $(STAMP)
+# Debian packages: espeak-ng speaks the demo corpus, chromium renders report.html in a test.
+# Installed when missing and we may (root with apt-get); otherwise a note, never a failure:
+# the demo then uses synthetic speech and the rendering test is skipped.
+SYSTEM_PACKAGES ?= espeak-ng chromium
+
+system-deps:
+	@missing=""; \
+	for pkg in $(SYSTEM_PACKAGES); do command -v $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing system packages:$$missing"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq$$missing; } \
+			|| echo "note: apt-get could not install$$missing; carrying on without them"; \
+	else \
+		echo "note: not installed:$$missing (optional; as root: apt-get install$$missing)"; \
+	fi
+
+test: system-deps $(STAMP)
 	$(PY) -m pytest
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-demo: $(STAMP)
-	$(PY) -m serec.demo --output_dir demo_out
+# make demo [CLEAN=DIR NOISE=DIR] [DEMO_OUT=DIR] [DEMO_ARGS="--num_mixtures 96 ..."]
+DEMO_OUT ?= demo_out
+demo: system-deps $(STAMP)
+	$(PY) -m serec.demo --output_dir $(DEMO_OUT) $(if $(CLEAN),--clean_dir $(CLEAN)) $(if $(NOISE),--noise_dir $(NOISE)) $(DEMO_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -213,7 +213,9 @@ def score_chunk(chunk: Sequence[tuple[EvalPair, str, str]]) -> list[dict[str, An
 
 
 def _r(value: float) -> float:
-    return round(float(value), 6) if value is not None and math.isfinite(value) else math.nan
+    # Six decimals hide float noise of BLAS threading; "+ 0.0" turns a rounded -0.0 into 0.0,
+    # so a rebuilt evaluation.csv is byte-identical.
+    return round(float(value), 6) + 0.0 if value is not None and math.isfinite(value) else math.nan
 
 
 def _routed_models(out_dir: Path) -> dict[str, str]:

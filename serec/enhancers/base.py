@@ -179,6 +179,14 @@ def validate_options(
     return merged
 
 
+def batch_file_ids(audios: Sequence[np.ndarray], file_ids: Sequence[str] | None) -> list[str]:
+    """The ids to report a batch's per-file errors under ("input N" when none are given)."""
+    ids = list(file_ids) if file_ids is not None else [f"input {i}" for i in range(len(audios))]
+    if len(ids) != len(audios):
+        raise ValueError(f"{len(audios)} inputs but {len(ids)} file ids")
+    return ids
+
+
 def fit_length(audio: np.ndarray, length: int) -> np.ndarray:
     """Trim or zero-pad the end of a signal to exactly `length` samples (float32)."""
     audio = np.asarray(audio, dtype=np.float32)

@@ -22,6 +22,7 @@ from serec.enhancers.base import (
     Enhancer,
     EnhancerUnavailable,
     Option,
+    batch_file_ids,
     fit_length,
     to_rate,
 )
@@ -68,9 +69,7 @@ class BuiltinEnhancer(Enhancer):
         sr: int = SAMPLE_RATE,
         file_ids: Sequence[str] | None = None,
     ) -> list[np.ndarray | EnhancementError]:
-        ids = list(file_ids) if file_ids is not None else [f"input {i}" for i in range(len(audios))]
-        if len(ids) != len(audios):
-            raise ValueError(f"{len(audios)} inputs but {len(ids)} file ids")
+        ids = batch_file_ids(audios, file_ids)
         return [self._enhance_checked(audio, sr, fid) for audio, fid in zip(audios, ids, strict=True)]
 
     def _enhance_checked(self, audio: np.ndarray, sr: int, fid: str) -> np.ndarray | EnhancementError:

@@ -30,6 +30,7 @@ from serec.enhancers.base import (
     Enhancer,
     EnhancerUnavailable,
     Option,
+    batch_file_ids,
     fit_length,
     to_rate,
 )
@@ -202,9 +203,7 @@ class ExternalEnhancer(Enhancer):
         sr: int = SAMPLE_RATE,
         file_ids: Sequence[str] | None = None,
     ) -> list[np.ndarray | EnhancementError]:
-        ids = list(file_ids) if file_ids is not None else [f"input {i}" for i in range(len(audios))]
-        if len(ids) != len(audios):
-            raise ValueError(f"{len(audios)} inputs but {len(ids)} file ids")
+        ids = batch_file_ids(audios, file_ids)
         if not getattr(self, "_checked", False):
             self.check()
         results: list[np.ndarray | EnhancementError | None] = [None] * len(audios)

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.serec-installed
 # torch is pinned and installed first: a looser spec would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install system-deps test lint demo clean-venv
+.PHONY: install system-deps test lint demo experiment clean-venv
 
 install: $(STAMP)
 
@@ -45,6 +45,11 @@ lint: $(STAMP)
 DEMO_OUT ?= demo_out
 demo: system-deps $(STAMP)
 	$(PY) -m serec.demo --output_dir $(DEMO_OUT) $(if $(CLEAN),--clean_dir $(CLEAN)) $(if $(NOISE),--noise_dir $(NOISE)) $(DEMO_ARGS)
+
+# make experiment NAME=shared-corpus CLEAN=DIR NOISE=DIR [EXPERIMENT_ARGS="--num_mixtures 1000"]
+experiment: $(STAMP)
+	@test -n "$(NAME)" -a -n "$(CLEAN)" -a -n "$(NOISE)" || { echo "usage: make experiment NAME=name CLEAN=dir NOISE=dir [EXPERIMENT_ARGS=...]" >&2; exit 2; }
+	experiments/reproduce.sh $(NAME) $(CLEAN) $(NOISE) $(EXPERIMENT_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

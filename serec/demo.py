@@ -11,18 +11,24 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from serec.audio import load_audio, write_wav
-from serec.fileio import atomic_path, write_json_atomic
+from serec.fileio import write_json_atomic
+from serec.pipeline import (
+    PipelineConfig,
+    PipelineError,
+    bind,
+    bound_steps,
+    results_tables,
+    run_steps,
+    shown,
+)
 from serec.synth import NOISE_KINDS, speech_like
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 ESPEAK = "espeak-ng"
 ESPEAK_HINT = (
     "install it with `sudo apt-get install espeak-ng` (Debian/Ubuntu; `make system-deps` does "
@@ -114,8 +120,8 @@ DEMO_MODELS = ("webrtc", "speex", "spectral_gating", "spectral_gating_stationary
 CORPUS_JSON = "corpus.json"
 
 
-class DemoError(RuntimeError):
-    """A demo step could not run; the message says which and why."""
+class DemoError(PipelineError):
+    """The embedded corpus could not be built; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -235,46 +241,7 @@ def build_corpus(corpus_dir: Path, *, speech: str = "auto", utterances_per_speak
 
 
 # ---------------------------------------------------------------------------------------
-# Running the scripts
-
-
-def _shown(path: Path | str) -> str:
-    """A path as the user would type it: relative when it is inside the current folder."""
-    path = Path(path)
-    if path.is_absolute() and path.is_relative_to(Path.cwd()):
-        return str(path.relative_to(Path.cwd()))
-    return str(path)
-
-
-# Exit statuses that mean "finished, but some files were left out or failed": the demo
-# goes on and says where to look.
-PARTIAL_EXIT = {
-    "preprocessing/speech_noise_mixing.py": (1, "skipped.csv"),
-    "enhancement_driver.py": (3, "scores.csv (status=error)"),
-    "preprocess_features.py": (1, "errors.csv"),
-    "model_recommender_w_scaler.py": (1, "skipped_files.csv"),
-    "recommendation_driver.py": (3, "errors.csv, routing.csv, evaluation.csv"),
-}
-
-
-def run_script(script: str, args: Sequence[str | Path | int | float]) -> int:
-    """Print the command line, run it with this Python, stop the demo on a hard failure."""
-    shown = ["python", script, *(_shown(a) if isinstance(a, Path) else str(a) for a in args)]
-    print(f"$ {shlex.join(shown)}", flush=True)
-    path = REPO_ROOT / script
-    if not path.is_file():
-        raise DemoError(f"{path}: not found; run the demo from a source checkout (pip install -e .)")
-    status = subprocess.run([sys.executable, str(path), *map(str, args)]).returncode
-    partial_status, where = PARTIAL_EXIT[script]
-    if status == partial_status:
-        print(f"note: {script} finished but left some files out (exit {status}); see {where}", flush=True)
-    elif status != 0:
-        raise DemoError(f"{script} failed (exit status {status}); its messages are above")
-    return status
-
-
-# ---------------------------------------------------------------------------------------
-# The steps
+# The demo: the corpus, then the workflow
 
 
 def corpus_step(config: DemoConfig) -> None:
@@ -286,167 +253,27 @@ def corpus_step(config: DemoConfig) -> None:
                            utterances_per_speaker=config.utterances_per_speaker, seed=config.seed)
     recipe = content["recipe"]
     source = f"{recipe['espeak']}, {len(recipe['speakers'])} voices" if recipe["speech"] == "espeak" else "serec.synth"
-    print(f"corpus: {content['clean_files']} clean files ({source}) in {_shown(config.corpus_clean)}, "
-          f"{content['noise_files']} noises ({', '.join(recipe['noises'])}) in {_shown(config.corpus_noise)}")
+    print(f"corpus: {content['clean_files']} clean files ({source}) in {shown(config.corpus_clean)}, "
+          f"{content['noise_files']} noises ({', '.join(recipe['noises'])}) in {shown(config.corpus_noise)}")
 
 
-def mixing_step(config: DemoConfig) -> None:
-    """Workflow step 1: noisy/clean pairs at -5..20 dB SNR, speakers split into train and test."""
-    run_script("preprocessing/speech_noise_mixing.py", [
-        "--clean_dir", config.corpus_clean, "--noise_dir", config.corpus_noise,
-        "--output_dir", config.path("mixtures"), "--num_mixtures", config.num_mixtures,
-        "--seed", config.seed, "--test_fraction", config.test_fraction,
-        "--num_workers", config.num_workers,
-        *(["--speaker_regex", config.speaker_regex] if config.speaker_regex else []),
-    ])
-
-
-def _link(target: Path, link: Path) -> None:
-    link.parent.mkdir(parents=True, exist_ok=True)
-    relative = os.path.relpath(target, link.parent)
-    if link.is_symlink() and os.readlink(link) == relative:
-        return
-    link.unlink(missing_ok=True)
-    link.symlink_to(relative)
-
-
-def split_folders(mixtures: Path, output_dir: Path) -> dict[str, int]:
-    """OUTPUT/<split>/{noisy,clean}/ (links to the mixtures) and OUTPUT/<split>/metadata.csv.
-
-    The recommender learns from `train` only; `test` (speakers it never saw) plays the new
-    recordings. Links no longer listed in metadata.csv are removed, so a re-run matches it.
-    """
-    metadata = pd.read_csv(mixtures / "metadata.csv")
-    counts = {}
-    for split in ("train", "test"):
-        rows = metadata[metadata.split == split]
-        if rows.empty:
-            raise DemoError(f"{mixtures / 'metadata.csv'}: no mixture in split {split!r}; "
-                            "the corpus needs at least two speakers")
-        for kind in ("noisy", "clean"):
-            folder = output_dir / split / kind
-            for fid in rows.file:
-                _link(mixtures / kind / fid, folder / fid)
-            listed = {folder / fid for fid in rows.file}
-            for stale in [p for p in folder.rglob("*") if p.is_symlink() and p not in listed]:
-                stale.unlink()
-        with atomic_path(output_dir / split / "metadata.csv") as tmp:
-            rows.to_csv(tmp, index=False)
-        counts[split] = len(rows)
-    return counts
-
-
-def split_step(config: DemoConfig) -> None:
-    """train/ and test/ folders, so the recommender learns from train only and test plays new recordings."""
-    counts = split_folders(config.path("mixtures"), config.output_dir)
-    metadata = pd.read_csv(config.path("mixtures") / "metadata.csv")
-    speakers = metadata.groupby("split").speaker.nunique()
-    print(f"split (the demo links split == train / test mixtures into their own folders): "
-          f"{counts['train']} train mixtures ({speakers['train']} speakers) in "
-          f"{_shown(config.path('train'))}, {counts['test']} test mixtures ({speakers['test']} unseen "
-          f"speakers) in {_shown(config.path('test'))}")
-
-
-def enhancement_step(config: DemoConfig) -> None:
-    """Workflow step 2: every model on every file of both splits, scored and labelled."""
-    for split in ("train", "test"):
-        run_script("enhancement_driver.py", [
-            "--noisy_dir", config.path(split) / "noisy", "--clean_dir", config.path(split) / "clean",
-            "--output_dir", config.path(f"enhancement_{split}"), "--models", *config.models,
-            "--num_workers", config.num_workers,
-        ])
-
-
-def features_step(config: DemoConfig) -> None:
-    """Workflow step 3: CE/KL features of the training files (step 5 computes the test files' itself)."""
-    run_script("preprocess_features.py", [
-        "--base_data_dir", config.path("train") / "noisy",
-        "--output_base_dir", config.path("features_train"), "--num_workers", config.num_workers,
-    ])
-
-
-def recommender_step(config: DemoConfig) -> None:
-    """Workflow step 4: gatekeeper, expert and single model on speaker-grouped folds, then the F1 table."""
-    common = [
-        "--labels_csv", config.path("enhancement_train") / "labels.csv",
-        "--audio_dir", config.path("train") / "noisy",
-        "--metadata_csv", config.path("train") / "metadata.csv",
-        "--cekl_features_base_dir", config.path("features_train"),
-        "--output_dir", config.path("recommender"),
-        "--pretrained_models", "none", "--ast_size", "tiny", "--use_hybrid_features",
-        "--use_weighted_sampler", "--learning_rate", "5e-4", "--n_folds", config.n_folds,
-        "--num_epochs", config.num_epochs, "--patience", max(2, config.num_epochs // 3),
-    ]
-    for stage in ("gatekeeper", "expert", "single", "evaluate_pipeline"):
-        run_script("model_recommender_w_scaler.py", ["--training_stage", stage, *common])
-
-
-def recommendation_step(config: DemoConfig) -> None:
-    """Workflow step 5: route the unseen test speakers' files with fold 1's models, enhance, compare."""
-    recommender = config.path("recommender")
-    run_script("recommendation_driver.py", [
-        "--noisy_speech_dir", config.path("test") / "noisy",
-        "--enhanced_dir", config.path("recommendation"),
-        "--gatekeeper_model_path", recommender / "gatekeeper_model_fold_1_best.pth",
-        "--expert_model_path", recommender / "expert_model_fold_1_best_hybrid.pth",
-        "--single_model_path", recommender / "single_model_fold_1_best.pth",
-        "--use_hybrid_features",
-        "--clean_speech_dir", config.path("test") / "clean",
-        "--labels_csv", config.path("enhancement_test") / "labels.csv",
-        "--num_workers", config.num_workers,
-    ])
-
-
-STRATEGY_TABLE_COLUMNS = {
-    "strategy": "strategy", "dnsmos_ovr": "OVR", "pesq_wb": "PESQ-WB", "stoi": "STOI",
-    "oracle_gain_captured": "captured", "enhancer_seconds": "enhancer_s",
-    "recommender_seconds": "recommend_s", "dnsmos_seconds": "dnsmos_s", "total_seconds": "total_s",
-}
-
-
-def results_tables(output_dir: Path) -> str:
-    """The macro F1 table (step 4) and the adaptive-vs-oracle strategies (step 5), from their files."""
-    # Imported here: serec.evaluation loads torch (seconds), which the corpus builder does not need.
-    from serec.evaluation import format_table
-
-    metrics = json.loads((output_dir / "recommender" / "evaluate_pipeline" / "metrics.json").read_text())
-    n_folds = len(metrics["folds_evaluated"])
-    f1 = format_table(metrics["summary"], f"Recommender: macro F1 on {n_folds} held-out folds of the "
-                      f"training speakers (mean ± std; classes {', '.join(metrics['class_names'])})")
-    strategies = pd.read_csv(output_dir / "recommendation" / "strategies.csv")
-    table = strategies[list(STRATEGY_TABLE_COLUMNS)].rename(columns=STRATEGY_TABLE_COLUMNS)
-    table["captured"] = table["captured"].map(lambda v: "" if pd.isna(v) else f"{100 * v:.0f}%")
-    text = table.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="")
-    return (f"{f1}\n\nAdaptive selection vs fixed models and the oracle on the "
-            f"{int(strategies.files.iloc[0])} test files (unseen speakers; scores from "
-            f"enhancement_test/scores.csv, captured = share of the oracle's OVR gain over the best "
-            f"single model)\n{text}")
-
-
-Step = Callable[[DemoConfig], None]
-STEPS: list[tuple[str, Step]] = [
-    ("corpus", corpus_step),
-    ("mixing", mixing_step),
-    ("split", split_step),
-    ("enhancement", enhancement_step),
-    ("features", features_step),
-    ("recommender", recommender_step),
-    ("recommendation", recommendation_step),
-]
+def pipeline_config(config: DemoConfig) -> PipelineConfig:
+    return PipelineConfig(
+        output_dir=config.output_dir, clean_dir=config.corpus_clean, noise_dir=config.corpus_noise,
+        speaker_regex=config.speaker_regex, models=config.models, num_mixtures=config.num_mixtures,
+        test_fraction=config.test_fraction, n_folds=config.n_folds, num_epochs=config.num_epochs,
+        num_workers=config.num_workers, seed=config.seed,
+    )
 
 
 def run_demo(config: DemoConfig) -> Path:
     """Every step in order (each resumes what an earlier run did); returns report.html."""
     started = time.perf_counter()
-    for number, (name, step) in enumerate(STEPS, start=1):
-        step_started = time.perf_counter()
-        print(f"\n[{number}/{len(STEPS)}] {name}: {step.__doc__.splitlines()[0]}", flush=True)
-        step(config)
-        print(f"[{number}/{len(STEPS)}] {name} done in {time.perf_counter() - step_started:.1f} s", flush=True)
+    run_steps([("corpus", bind(corpus_step, config)), *bound_steps(pipeline_config(config))])
     report = config.path("recommendation") / "report.html"
     print("\n" + "=" * 100 + "\n" + results_tables(config.output_dir))
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; everything is under "
-          f"{_shown(config.output_dir)}\nreport: {report.resolve()}")
+          f"{shown(config.output_dir)}\nreport: {report.resolve()}")
     return report
 
 
@@ -489,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     try:
         run_demo(config)
-    except DemoError as exc:
+    except PipelineError as exc:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

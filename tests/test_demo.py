@@ -20,10 +20,9 @@ from serec.demo import (
     build_corpus,
     espeak_available,
     espeak_utterance,
-    run_script,
-    split_folders,
 )
 from serec.mixing import MixingConfig, compile_speaker_regex, run_mixing, speaker_of
+from serec.pipeline import PipelineError, run_script, split_folders
 
 DEFAULT_SPEAKER_REGEX = compile_speaker_regex(r"^[^_]+_([^_]+)_")
 needs_espeak = pytest.mark.skipif(
@@ -128,7 +127,7 @@ def test_split_folders_link_each_split_and_follow_metadata(
 
 
 def test_run_script_stops_on_a_failed_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(DemoError, match="exit status 2"):
+    with pytest.raises(PipelineError, match="exit status 2"):
         run_script("preprocess_features.py", ["--input_dir", tmp_path / "missing", "--output_base_dir", tmp_path / "f"])
     assert "$ python preprocess_features.py --input_dir" in capsys.readouterr().out
 

@@ -1,0 +1,341 @@
+"""The full protocol on one corpus with fixed seeds, written up as results/<name>/tables.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from serec.fileio import atomic_path, write_json_atomic
+from serec.pipeline import REPO_ROOT, PipelineConfig, PipelineError, bound_steps, run_steps, shown
+from serec.runinfo import write_run_json
+
+TIMINGS_JSON = "timings.json"
+TABLES_MD = "tables.md"
+SPLITS = ("train", "test")
+# Columns of scores.csv in the per-model table, with their headings.
+SCORE_COLUMNS = {
+    "dnsmos_sig": "SIG", "dnsmos_bak": "BAK", "dnsmos_ovr": "OVR", "dnsmos_p808": "P808",
+    "pesq_wb": "PESQ-WB", "stoi": "STOI", "estoi": "ESTOI", "si_sdr": "SI-SDR",
+}
+F1_TITLES = {
+    "two_stage": "two-stage (gatekeeper + hybrid expert)",
+    "two_stage_tuned": "two-stage, threshold tuned on inner folds",
+    "single": "single AST model",
+    "tabular": "tabular (logistic regression on CE/KL features)",
+    "majority": "majority class",
+    "random": "random (class prior)",
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Markdown
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; the first column is left-aligned, the others right-aligned."""
+    head = "| " + " | ".join(columns) + " |"
+    rule = "|" + "|".join([":---"] + ["---:"] * (len(columns) - 1)) + "|"
+    body = ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join([head, rule, *body])
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return ""
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _count_pct(count: int, total: int) -> str:
+    return f"{count} ({100 * count / total:.0f}%)" if total else "0"
+
+
+# ---------------------------------------------------------------------------------------
+# Step times
+
+
+def record_step_time(timings_path: Path, step: str, seconds: float, finished: bool) -> None:
+    """Append one invocation of a step (its wall time, whether it finished) to timings.json."""
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    timings.setdefault(step, []).append({
+        "seconds": round(seconds, 2), "finished": finished,
+        "ended_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+    })
+    write_json_atomic(timings_path, timings)
+
+
+def timings_table(timings: Mapping[str, list[Mapping[str, Any]]]) -> str:
+    rows, total = [], 0.0
+    for step, runs in timings.items():
+        seconds = sum(run["seconds"] for run in runs)
+        total += seconds
+        note = "" if len(runs) == 1 else f"{len(runs)} runs (an interrupted run and its resume add up)"
+        if not runs[-1]["finished"]:
+            note = "not finished"
+        rows.append([step, f"{seconds:.0f}", f"{seconds / 60:.1f}", note])
+    rows.append(["**total**", f"**{total:.0f}**", f"**{total / 60:.1f}**", ""])
+    return markdown_table(["step", "seconds", "minutes", "note"], rows)
+
+
+# ---------------------------------------------------------------------------------------
+# Dataset statistics
+
+
+def noise_classes(noise_dir: Path, manifest: Path | None) -> dict[str, str]:
+    """Noise file name -> class, from a manifest CSV with `file` and `noise_class` columns.
+
+    Default manifest: NOISE_DIR/manifest.csv when it exists. Files it does not list (or
+    every file, without a manifest) are their own class: the file name without extension.
+    """
+    manifest = manifest or (noise_dir / "manifest.csv")
+    if not manifest.is_file():
+        return {}
+    table = pd.read_csv(manifest)
+    missing = {"file", "noise_class"} - set(table.columns)
+    if missing:
+        raise PipelineError(f"{manifest}: no column {', '.join(sorted(missing))} (want file, noise_class)")
+    return {Path(str(f)).name: str(c) for f, c in zip(table.file, table.noise_class, strict=True)}
+
+
+def labelled_mixtures(work_dir: Path, classes: Mapping[str, str]) -> pd.DataFrame:
+    """metadata.csv of the mixtures joined with both splits' labels, plus a noise_class column."""
+    metadata = pd.read_csv(work_dir / "mixtures" / "metadata.csv")
+    labels = pd.concat([pd.read_csv(work_dir / f"enhancement_{split}" / "labels.csv") for split in SPLITS])
+    table = metadata.merge(labels[["file", "label"]], on="file", how="left")
+    names = table.noise_source.map(lambda p: Path(str(p)).name)
+    table["noise_class"] = [classes.get(n, Path(n).stem) for n in names]
+    table["label"] = table.label.fillna("(no label: enhancement failed)")
+    return table
+
+
+def label_distribution(table: pd.DataFrame, by: str, heading: str) -> str:
+    """Counts (row %) of each label per value of `by`, most frequent label first, then all rows."""
+    order = table.label.value_counts().index.tolist()
+    counts = pd.crosstab(table[by], table.label).reindex(columns=order, fill_value=0)
+    rows = []
+    for value, row in counts.iterrows():
+        total = int(row.sum())
+        rows.append([_fmt(value, 0) if isinstance(value, float) else value, total,
+                     *(_count_pct(int(row[c]), total) for c in order)])
+    overall = table.label.value_counts()
+    rows.append(["**all**", len(table), *(_count_pct(int(overall[c]), len(table)) for c in order)])
+    return markdown_table([heading, "files", *order], rows)
+
+
+def dataset_section(work_dir: Path, config: Mapping[str, Any], classes: Mapping[str, str]) -> str:
+    table = labelled_mixtures(work_dir, classes)
+    durations = pd.concat([pd.read_csv(work_dir / f"enhancement_{s}" / "scores.csv") for s in SPLITS])
+    durations = durations.drop_duplicates("file").set_index("file").duration_s
+    rows = []
+    for split in (*SPLITS, None):
+        part = table if split is None else table[table.split == split]
+        hours = durations.reindex(part.file).sum() / 3600
+        rows.append([split or "**all**", len(part), part.speaker.nunique(), part.clean_source.nunique(),
+                     part.noise_source.nunique(), part.noise_class.nunique(), f"{hours:.2f}"])
+    overlap = set(table[table.split == "train"].speaker) & set(table[table.split == "test"].speaker)
+    snrs = sorted(table.snr_db.unique())
+    return "\n\n".join([
+        "## Dataset",
+        f"Corpus: clean `{config['clean_dir']}`, noise `{config['noise_dir']}`. "
+        f"{len(table)} mixtures at SNR {', '.join(_fmt(s, 0) for s in snrs)} dB, split by speaker "
+        f"({len(overlap)} speakers in both splits). Labels: the model with the best DNSMOS OVR per "
+        "file (`All_Failed` when no model beats the noisy input).",
+        markdown_table(["split", "mixtures", "speakers", "clean files", "noise files", "noise classes", "hours"], rows),
+        "### Label distribution by SNR (files, row %)",
+        label_distribution(table, "snr_db", "SNR dB"),
+        "### Label distribution by noise class (files, row %)",
+        label_distribution(table, "noise_class", "noise class"),
+    ])
+
+
+# ---------------------------------------------------------------------------------------
+# Scores, recommender and routing
+
+
+def model_scores_section(work_dir: Path) -> str:
+    """Mean of each score per model over every mixture (both splits), real-time factor, win share."""
+    scores = pd.concat([pd.read_csv(work_dir / f"enhancement_{s}" / "scores.csv") for s in SPLITS])
+    labels = pd.concat([pd.read_csv(work_dir / f"enhancement_{s}" / "labels.csv") for s in SPLITS])
+    wins = labels.label.value_counts()
+    rows = []
+    for system, group in scores.groupby("system", sort=False):
+        ok = group[group.status == "ok"]
+        means = [_fmt(float(ok[c].mean())) if c in ok else "" for c in SCORE_COLUMNS]
+        rtf = ok.seconds.sum() / ok.duration_s.sum() if system != "noisy" else float("nan")
+        best = "" if system == "noisy" else _count_pct(int(wins.get(system, 0)), len(labels))
+        rows.append([system, len(ok), len(group) - len(ok), *means, _fmt(rtf, 4), best])
+    return "\n\n".join([
+        "## Mean scores per model",
+        f"All {scores.file.nunique()} mixtures of both splits (`enhancement_train/` and "
+        "`enhancement_test/` scores.csv; errors left out of the means). RTF = enhancement "
+        "seconds / audio seconds on one core; best = files where the model has the best OVR.",
+        markdown_table(["model", "files", "errors", *SCORE_COLUMNS.values(), "RTF", "best"], rows),
+    ])
+
+
+def f1_section(work_dir: Path) -> str:
+    metrics = json.loads((work_dir / "recommender" / "evaluate_pipeline" / "metrics.json").read_text())
+    rows = [[F1_TITLES.get(system, system),
+             f"{entry['macro_f1_mean']:.3f} ± {entry['macro_f1_std']:.3f}",
+             f"{entry['accuracy_mean']:.3f} ± {entry['accuracy_std']:.3f}", entry["n_folds"]]
+            for system, entry in metrics["summary"].items()]
+    return "\n\n".join([
+        "## Recommender: macro F1",
+        f"Speaker-grouped cross-validation on the training split (`recommender/evaluate_pipeline/"
+        f"metrics.json`): mean ± std over folds {', '.join(map(str, metrics['folds_evaluated']))}; "
+        f"classes {', '.join(metrics['class_names'])}; gatekeeper class {metrics['gatekeeper_class']}.",
+        markdown_table(["recommender", "macro F1", "accuracy", "folds"], rows),
+    ])
+
+
+def routing_section(work_dir: Path) -> str:
+    strategies = pd.read_csv(work_dir / "recommendation" / "strategies.csv")
+    files = int(strategies.files.iloc[0])
+    rows = []
+    for row in strategies.itertuples(index=False):
+        captured = "" if pd.isna(row.oracle_gain_captured) else f"{100 * row.oracle_gain_captured:.0f}%"
+        per_file_ms = 1000 * row.total_seconds / files if not pd.isna(row.total_seconds) else float("nan")
+        rows.append([row.strategy, _fmt(row.dnsmos_ovr), _fmt(row.dnsmos_sig), _fmt(row.dnsmos_bak),
+                     _fmt(row.pesq_wb), _fmt(row.stoi), _fmt(row.si_sdr, 2),
+                     _fmt(row.ovr_gain_over_best_single), captured, _fmt(row.enhancer_seconds, 1),
+                     _fmt(row.recommender_seconds, 1), _fmt(row.dnsmos_seconds, 1),
+                     _fmt(row.total_seconds, 1), _fmt(per_file_ms, 0)])
+    return "\n\n".join([
+        "## Adaptive selection vs fixed models and the oracle",
+        f"The {files} test files (speakers never seen in training), routed by fold 1's gatekeeper "
+        "and expert (`recommendation/strategies.csv`). Gain = mean OVR minus the best fixed "
+        "model's; captured = that gain as a share of the oracle's. Compute: seconds on one core "
+        "for all test files (enhancer, recommender inference, and for run-all-and-pick the DNSMOS "
+        "scoring of every output).",
+        markdown_table(["strategy", "OVR", "SIG", "BAK", "PESQ-WB", "STOI", "SI-SDR", "OVR gain",
+                        "captured", "enhance s", "recommend s", "DNSMOS s", "total s", "ms/file"], rows),
+    ])
+
+
+def write_tables(work_dir: Path, results_dir: Path, run: Mapping[str, Any], classes: Mapping[str, str]) -> Path:
+    """results_dir/tables.md (and a copy of timings.json) from the files the steps wrote."""
+    timings = json.loads((work_dir / TIMINGS_JSON).read_text()) if (work_dir / TIMINGS_JSON).is_file() else {}
+    header = "\n".join([
+        f"# serec results: {run['name']}",
+        "",
+        "Written by `serec.experiment` from the files under its work folder; every number below "
+        "is read from those files.",
+        "",
+        f"- command: `{run['command']}`",
+        f"- settings: {json.dumps(run['settings'])}",
+        f"- code: {run['code']}; machine: {run['machine']}",
+        f"- tables written {datetime.now(UTC).isoformat(timespec='seconds')}",
+    ])
+    sections = [header, dataset_section(work_dir, run["settings"], classes), model_scores_section(work_dir),
+                f1_section(work_dir), routing_section(work_dir),
+                "## Time of each step\n\nWall time on this machine (`timings.json`).\n\n" + timings_table(timings)]
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / TABLES_MD
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text("\n\n".join(sections) + "\n", encoding="utf-8")
+    if timings:
+        write_json_atomic(results_dir / TIMINGS_JSON, timings)
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+
+
+def _git_commit() -> str:
+    """The checkout's commit (with -dirty for uncommitted changes), so a table names its code."""
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True, check=True)
+        return f"git {out.stdout.strip()}"
+    except (OSError, subprocess.CalledProcessError):
+        return "git commit unknown"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--name", required=True, help="experiment name: results go to RESULTS_ROOT/NAME")
+    p.add_argument("--clean_dir", type=Path, required=True, help="clean speech (recursive)")
+    p.add_argument("--noise_dir", type=Path, required=True, help="noise recordings (recursive)")
+    p.add_argument("--noise_manifest", type=Path,
+                   help="CSV with file, noise_class columns (default NOISE_DIR/manifest.csv when it "
+                   "exists; otherwise each noise file is its own class)")
+    p.add_argument("--work_dir", type=Path, help="audio, models and step outputs (default runs/NAME)")
+    p.add_argument("--results_root", type=Path, default=Path("results"), help="tables.md goes to RESULTS_ROOT/NAME")
+    p.add_argument("--speaker_regex", help="the mixing step's --speaker_regex")
+    p.add_argument("--models", nargs="+", help="enhancers (default: the enhancement driver's built-ins)")
+    p.add_argument("--num_mixtures", type=int, default=1000)
+    p.add_argument("--test_fraction", type=float, default=0.2, help="share of speakers held out as test")
+    p.add_argument("--n_folds", type=int, default=5)
+    p.add_argument("--num_epochs", type=int, default=50)
+    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--seed", type=int, default=0, help="mixing, enhancement and routing seed")
+    p.add_argument("--recommender_seed", type=int, default=42, help="folds and training seed")
+    p.add_argument("--tables_only", action="store_true",
+                   help="only rebuild tables.md from the work folder of a finished run")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    work_dir = args.work_dir or Path("runs") / args.name
+    results_dir = args.results_root / args.name
+    config = PipelineConfig(
+        output_dir=work_dir, clean_dir=args.clean_dir, noise_dir=args.noise_dir,
+        speaker_regex=args.speaker_regex, models=tuple(args.models) if args.models else None,
+        num_mixtures=args.num_mixtures, test_fraction=args.test_fraction, n_folds=args.n_folds,
+        num_epochs=args.num_epochs, num_workers=args.num_workers, seed=args.seed,
+        recommender_seed=args.recommender_seed,
+    )
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                if k not in ("tables_only", "results_root", "work_dir")}
+    run = {
+        "name": args.name,
+        "command": shlex.join(["python", "-m", "serec.experiment", *(argv if argv is not None else sys.argv[1:])]),
+        "settings": settings,
+        "code": _git_commit(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+    }
+    try:
+        classes = noise_classes(args.noise_dir, args.noise_manifest)
+        if not args.tables_only:
+            for folder in (args.clean_dir, args.noise_dir):
+                if not folder.is_dir():
+                    raise PipelineError(f"{folder}: not a folder")
+            work_dir.mkdir(parents=True, exist_ok=True)
+            write_run_json(work_dir, vars(args), command=run["command"])
+            started = time.perf_counter()
+            run_steps(bound_steps(config),
+                      on_step_end=lambda step, seconds, finished: record_step_time(
+                          work_dir / TIMINGS_JSON, step, seconds, finished))
+            print(f"\nall steps done in {time.perf_counter() - started:.0f} s", flush=True)
+        path = write_tables(work_dir, results_dir, run, classes)
+        write_run_json(results_dir, vars(args), command=run["command"])
+    except PipelineError as exc:
+        print(f"experiment: error: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"experiment: error: {exc.filename}: not found (did every step finish? run without "
+              "--tables_only to resume)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+    print("\n" + path.read_text(encoding="utf-8"))
+    print(f"tables: {shown(path.resolve())}\nwork folder (audio, models): {shown(work_dir.resolve())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

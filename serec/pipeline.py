@@ -1,0 +1,268 @@
+"""The five scripts run in order on one corpus: the steps shared by `make demo` and the experiment."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from serec.fileio import atomic_path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class PipelineError(RuntimeError):
+    """A step could not run; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Where the corpus is, where everything goes, and the settings every step shares."""
+
+    output_dir: Path
+    clean_dir: Path
+    noise_dir: Path
+    speaker_regex: str | None = None  # the mixing step's default when None
+    models: tuple[str, ...] | None = None  # the enhancement driver's defaults when None
+    num_mixtures: int = 192
+    test_fraction: float = 0.25
+    n_folds: int = 3
+    num_epochs: int = 40
+    num_workers: int = 2
+    seed: int = 0  # mixing, enhancement and recommendation
+    recommender_seed: int = 42  # folds, initialisation and sampling of model_recommender_w_scaler.py
+
+    def path(self, name: str) -> Path:
+        return self.output_dir / name
+
+
+def shown(path: Path | str) -> str:
+    """A path as the user would type it: relative when it is inside the current folder."""
+    path = Path(path)
+    if path.is_absolute() and path.is_relative_to(Path.cwd()):
+        return str(path.relative_to(Path.cwd()))
+    return str(path)
+
+
+# Exit statuses that mean "finished, but some files were left out or failed": the pipeline
+# goes on and says where to look.
+PARTIAL_EXIT = {
+    "preprocessing/speech_noise_mixing.py": (1, "skipped.csv"),
+    "enhancement_driver.py": (3, "scores.csv (status=error)"),
+    "preprocess_features.py": (1, "errors.csv"),
+    "model_recommender_w_scaler.py": (1, "skipped_files.csv"),
+    "recommendation_driver.py": (3, "errors.csv, routing.csv, evaluation.csv"),
+}
+
+
+def run_script(script: str, args: Sequence[str | Path | int | float]) -> int:
+    """Print the command line, run it with this Python, raise PipelineError on a hard failure."""
+    printed = ["python", script, *(shown(a) if isinstance(a, Path) else str(a) for a in args)]
+    print(f"$ {shlex.join(printed)}", flush=True)
+    path = REPO_ROOT / script
+    if not path.is_file():
+        raise PipelineError(f"{path}: not found; run from a source checkout (pip install -e .)")
+    status = subprocess.run([sys.executable, str(path), *map(str, args)]).returncode
+    partial_status, where = PARTIAL_EXIT[script]
+    if status == partial_status:
+        print(f"note: {script} finished but left some files out (exit {status}); see {where}", flush=True)
+    elif status != 0:
+        raise PipelineError(f"{script} failed (exit status {status}); its messages are above")
+    return status
+
+
+def _link(target: Path, link: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    relative = os.path.relpath(target, link.parent)
+    if link.is_symlink() and os.readlink(link) == relative:
+        return
+    link.unlink(missing_ok=True)
+    link.symlink_to(relative)
+
+
+def split_folders(mixtures: Path, output_dir: Path) -> dict[str, int]:
+    """OUTPUT/<split>/{noisy,clean}/ (links to the mixtures) and OUTPUT/<split>/metadata.csv.
+
+    The recommender learns from `train` only; `test` (speakers it never saw) plays the new
+    recordings. Links no longer listed in metadata.csv are removed, so a re-run matches it.
+    """
+    metadata = pd.read_csv(mixtures / "metadata.csv")
+    counts = {}
+    for split in ("train", "test"):
+        rows = metadata[metadata.split == split]
+        if rows.empty:
+            raise PipelineError(f"{mixtures / 'metadata.csv'}: no mixture in split {split!r}; "
+                                "the corpus needs at least two speakers")
+        for kind in ("noisy", "clean"):
+            folder = output_dir / split / kind
+            for fid in rows.file:
+                _link(mixtures / kind / fid, folder / fid)
+            listed = {folder / fid for fid in rows.file}
+            for stale in [p for p in folder.rglob("*") if p.is_symlink() and p not in listed]:
+                stale.unlink()
+        with atomic_path(output_dir / split / "metadata.csv") as tmp:
+            rows.to_csv(tmp, index=False)
+        counts[split] = len(rows)
+    return counts
+
+
+# ---------------------------------------------------------------------------------------
+# The steps
+
+
+def mixing_step(config: PipelineConfig) -> None:
+    """Workflow step 1: noisy/clean pairs at -5..20 dB SNR, speakers split into train and test."""
+    run_script("preprocessing/speech_noise_mixing.py", [
+        "--clean_dir", config.clean_dir, "--noise_dir", config.noise_dir,
+        "--output_dir", config.path("mixtures"), "--num_mixtures", config.num_mixtures,
+        "--seed", config.seed, "--test_fraction", config.test_fraction,
+        "--num_workers", config.num_workers,
+        *(["--speaker_regex", config.speaker_regex] if config.speaker_regex else []),
+    ])
+
+
+def split_step(config: PipelineConfig) -> None:
+    """train/ and test/ folders, so the recommender learns from train only and test plays new recordings."""
+    counts = split_folders(config.path("mixtures"), config.output_dir)
+    metadata = pd.read_csv(config.path("mixtures") / "metadata.csv")
+    speakers = metadata.groupby("split").speaker.nunique()
+    print(f"split (split == train / test mixtures linked into their own folders): "
+          f"{counts['train']} train mixtures ({speakers['train']} speakers) in "
+          f"{shown(config.path('train'))}, {counts['test']} test mixtures ({speakers['test']} unseen "
+          f"speakers) in {shown(config.path('test'))}")
+
+
+def enhancement_step(config: PipelineConfig) -> None:
+    """Workflow step 2: every model on every file of both splits, scored and labelled."""
+    for split in ("train", "test"):
+        run_script("enhancement_driver.py", [
+            "--noisy_dir", config.path(split) / "noisy", "--clean_dir", config.path(split) / "clean",
+            "--output_dir", config.path(f"enhancement_{split}"),
+            *(["--models", *config.models] if config.models else []),
+            "--num_workers", config.num_workers, "--seed", config.seed,
+        ])
+
+
+def features_step(config: PipelineConfig) -> None:
+    """Workflow step 3: CE/KL features of the training files (step 5 computes the test files' itself)."""
+    run_script("preprocess_features.py", [
+        "--base_data_dir", config.path("train") / "noisy",
+        "--output_base_dir", config.path("features_train"), "--num_workers", config.num_workers,
+    ])
+
+
+def recommender_step(config: PipelineConfig) -> None:
+    """Workflow step 4: gatekeeper, expert and single model on speaker-grouped folds, then the F1 table."""
+    common = [
+        "--labels_csv", config.path("enhancement_train") / "labels.csv",
+        "--audio_dir", config.path("train") / "noisy",
+        "--metadata_csv", config.path("train") / "metadata.csv",
+        "--cekl_features_base_dir", config.path("features_train"),
+        "--output_dir", config.path("recommender"),
+        "--pretrained_models", "none", "--ast_size", "tiny", "--use_hybrid_features",
+        "--use_weighted_sampler", "--learning_rate", "5e-4", "--n_folds", config.n_folds,
+        "--num_epochs", config.num_epochs, "--patience", max(2, config.num_epochs // 3),
+        "--seed", config.recommender_seed,
+    ]
+    for stage in ("gatekeeper", "expert", "single", "evaluate_pipeline"):
+        run_script("model_recommender_w_scaler.py", ["--training_stage", stage, *common])
+
+
+def recommendation_step(config: PipelineConfig) -> None:
+    """Workflow step 5: route the unseen test speakers' files with fold 1's models, enhance, compare."""
+    recommender = config.path("recommender")
+    run_script("recommendation_driver.py", [
+        "--noisy_speech_dir", config.path("test") / "noisy",
+        "--enhanced_dir", config.path("recommendation"),
+        "--gatekeeper_model_path", recommender / "gatekeeper_model_fold_1_best.pth",
+        "--expert_model_path", recommender / "expert_model_fold_1_best_hybrid.pth",
+        "--single_model_path", recommender / "single_model_fold_1_best.pth",
+        "--use_hybrid_features",
+        "--clean_speech_dir", config.path("test") / "clean",
+        "--labels_csv", config.path("enhancement_test") / "labels.csv",
+        "--num_workers", config.num_workers, "--seed", config.seed,
+    ])
+
+
+Step = Callable[[PipelineConfig], None]
+WORKFLOW_STEPS: list[tuple[str, Step]] = [
+    ("mixing", mixing_step),
+    ("split", split_step),
+    ("enhancement", enhancement_step),
+    ("features", features_step),
+    ("recommender", recommender_step),
+    ("recommendation", recommendation_step),
+]
+
+
+def run_steps(steps: Sequence[tuple[str, Callable[[], None]]],
+              on_step_end: Callable[[str, float, bool], None] | None = None) -> None:
+    """Each step in order, with a header and its wall time; every step resumes what a run before it did.
+
+    on_step_end(name, seconds, finished) is called after each step, and also with
+    finished=False for the step a Ctrl-C or an error stopped, so its time is not lost.
+    """
+    for number, (name, step) in enumerate(steps, start=1):
+        doc = (step.__doc__ or name).splitlines()[0]
+        print(f"\n[{number}/{len(steps)}] {name}: {doc}", flush=True)
+        started = time.perf_counter()
+        finished = False
+        try:
+            step()
+            finished = True
+        finally:
+            seconds = time.perf_counter() - started
+            if on_step_end is not None:
+                on_step_end(name, seconds, finished)
+        print(f"[{number}/{len(steps)}] {name} done in {seconds:.1f} s", flush=True)
+
+
+def bind(step: Callable[[Any], None], config: Any) -> Callable[[], None]:
+    """step(config) as a call without arguments that keeps the step's docstring (run_steps prints it)."""
+    def run() -> None:
+        step(config)
+    run.__doc__ = step.__doc__
+    return run
+
+
+def bound_steps(config: PipelineConfig) -> list[tuple[str, Callable[[], None]]]:
+    """WORKFLOW_STEPS with the config bound."""
+    return [(name, bind(step, config)) for name, step in WORKFLOW_STEPS]
+
+
+# ---------------------------------------------------------------------------------------
+# The tables of steps 4 and 5
+
+STRATEGY_TABLE_COLUMNS = {
+    "strategy": "strategy", "dnsmos_ovr": "OVR", "pesq_wb": "PESQ-WB", "stoi": "STOI",
+    "oracle_gain_captured": "captured", "enhancer_seconds": "enhancer_s",
+    "recommender_seconds": "recommend_s", "dnsmos_seconds": "dnsmos_s", "total_seconds": "total_s",
+}
+
+
+def results_tables(output_dir: Path) -> str:
+    """The macro F1 table (step 4) and the adaptive-vs-oracle strategies (step 5), from their files."""
+    # Imported here: serec.evaluation loads torch (seconds), which the corpus builder does not need.
+    from serec.evaluation import format_table
+
+    metrics = json.loads((output_dir / "recommender" / "evaluate_pipeline" / "metrics.json").read_text())
+    n_folds = len(metrics["folds_evaluated"])
+    f1 = format_table(metrics["summary"], f"Recommender: macro F1 on {n_folds} held-out folds of the "
+                      f"training speakers (mean ± std; classes {', '.join(metrics['class_names'])})")
+    strategies = pd.read_csv(output_dir / "recommendation" / "strategies.csv")
+    table = strategies[list(STRATEGY_TABLE_COLUMNS)].rename(columns=STRATEGY_TABLE_COLUMNS)
+    table["captured"] = table["captured"].map(lambda v: "" if pd.isna(v) else f"{100 * v:.0f}%")
+    text = table.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="")
+    return (f"{f1}\n\nAdaptive selection vs fixed models and the oracle on the "
+            f"{int(strategies.files.iloc[0])} test files (unseen speakers; scores from "
+            f"enhancement_test/scores.csv, captured = share of the oracle's OVR gain over the best "
+            f"single model)\n{text}")

@@ -18,7 +18,8 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# Debian packages: espeak-ng speaks the demo corpus, chromium renders report.html in a test.
+# Debian packages: espeak-ng speaks the demo corpus (the demo asks for it alone), chromium
+# renders report.html in a test.
 # Installed when missing and we may (root with apt-get); otherwise a note, never a failure:
 # the demo then uses synthetic speech and the rendering test is skipped.
 SYSTEM_PACKAGES ?= espeak-ng chromium
@@ -43,7 +44,8 @@ lint: $(STAMP)
 
 # make demo [CLEAN=DIR NOISE=DIR] [DEMO_OUT=DIR] [DEMO_ARGS="--num_mixtures 96 ..."]
 DEMO_OUT ?= demo_out
-demo: system-deps $(STAMP)
+demo: $(STAMP)
+	@$(MAKE) --no-print-directory system-deps SYSTEM_PACKAGES=espeak-ng
 	$(PY) -m serec.demo --output_dir $(DEMO_OUT) $(if $(CLEAN),--clean_dir $(CLEAN)) $(if $(NOISE),--noise_dir $(NOISE)) $(DEMO_ARGS)
 
 # make experiment NAME=shared-corpus CLEAN=DIR NOISE=DIR [EXPERIMENT_ARGS="--num_mixtures 1000"]

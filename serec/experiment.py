@@ -223,27 +223,34 @@ def routing_section(work_dir: Path) -> str:
     ])
 
 
-def write_tables(work_dir: Path, results_dir: Path, run: Mapping[str, Any], classes: Mapping[str, str]) -> Path:
-    """results_dir/tables.md (and a copy of timings.json) from the files the steps wrote."""
+def write_tables(work_dir: Path, results_dir: Path, classes: Mapping[str, str]) -> Path:
+    """results_dir/tables.md, with copies of run.json and timings.json, from the files the steps wrote."""
+    run = json.loads((work_dir / "run.json").read_text())
+    settings = {k: v for k, v in run["flags"].items() if k not in ("tables_only", "results_root", "work_dir")}
     timings = json.loads((work_dir / TIMINGS_JSON).read_text()) if (work_dir / TIMINGS_JSON).is_file() else {}
     header = "\n".join([
-        f"# serec results: {run['name']}",
+        f"# serec results: {run['flags']['name']}",
         "",
         "Written by `serec.experiment` from the files under its work folder; every number below "
         "is read from those files.",
         "",
-        f"- command: `{run['command']}`",
-        f"- settings: {json.dumps(run['settings'])}",
-        f"- code: {run['code']}; machine: {run['machine']}",
-        f"- tables written {datetime.now(UTC).isoformat(timespec='seconds')}",
+        f"- command: `{run['command']}` (`experiments/reproduce.sh NAME CLEAN_DIR NOISE_DIR FLAGS` "
+        "runs `python -m serec.experiment --name NAME --clean_dir CLEAN_DIR --noise_dir NOISE_DIR FLAGS`)",
+        f"- settings: {json.dumps(settings)}",
+        f"- steps started {run.get('started_utc', 'at a time not recorded')} by code "
+        f"{run.get('code', 'not recorded')}; tables written "
+        f"{datetime.now(UTC).isoformat(timespec='seconds')} by code {_git_commit()}",
+        f"- machine: {run.get('machine', 'not recorded')}; packages: "
+        + ", ".join(f"{k} {v}" for k, v in run.get("versions", {}).items() if v),
     ])
-    sections = [header, dataset_section(work_dir, run["settings"], classes), model_scores_section(work_dir),
+    sections = [header, dataset_section(work_dir, settings, classes), model_scores_section(work_dir),
                 f1_section(work_dir), routing_section(work_dir),
                 "## Time of each step\n\nWall time on this machine (`timings.json`).\n\n" + timings_table(timings)]
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / TABLES_MD
     with atomic_path(path) as tmp:
         Path(tmp).write_text("\n\n".join(sections) + "\n", encoding="utf-8")
+    write_json_atomic(results_dir / "run.json", run)
     if timings:
         write_json_atomic(results_dir / TIMINGS_JSON, timings)
     return path
@@ -275,6 +282,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results_root", type=Path, default=Path("results"), help="tables.md goes to RESULTS_ROOT/NAME")
     p.add_argument("--speaker_regex", help="the mixing step's --speaker_regex")
     p.add_argument("--models", nargs="+", help="enhancers (default: the enhancement driver's built-ins)")
+    p.add_argument("--models_config", type=Path,
+                   help="TOML configuring external models (SGMSE, StoRM, CDiffuSE), for steps 2 and 5")
     p.add_argument("--num_mixtures", type=int, default=1000)
     p.add_argument("--test_fraction", type=float, default=0.2, help="share of speakers held out as test")
     p.add_argument("--n_folds", type=int, default=5)
@@ -294,19 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     config = PipelineConfig(
         output_dir=work_dir, clean_dir=args.clean_dir, noise_dir=args.noise_dir,
         speaker_regex=args.speaker_regex, models=tuple(args.models) if args.models else None,
+        models_config=args.models_config,
         num_mixtures=args.num_mixtures, test_fraction=args.test_fraction, n_folds=args.n_folds,
         num_epochs=args.num_epochs, num_workers=args.num_workers, seed=args.seed,
         recommender_seed=args.recommender_seed,
     )
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                if k not in ("tables_only", "results_root", "work_dir")}
-    run = {
-        "name": args.name,
-        "command": shlex.join(["python", "-m", "serec.experiment", *(argv if argv is not None else sys.argv[1:])]),
-        "settings": settings,
-        "code": _git_commit(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-    }
+    command = shlex.join(["python", "-m", "serec.experiment", *(argv if argv is not None else sys.argv[1:])])
     try:
         classes = noise_classes(args.noise_dir, args.noise_manifest)
         if not args.tables_only:
@@ -314,14 +316,14 @@ def main(argv: list[str] | None = None) -> int:
                 if not folder.is_dir():
                     raise PipelineError(f"{folder}: not a folder")
             work_dir.mkdir(parents=True, exist_ok=True)
-            write_run_json(work_dir, vars(args), command=run["command"])
+            write_run_json(work_dir, vars(args), command=command, code=_git_commit(),
+                           machine=f"{platform.machine()}, {os.cpu_count()} cores")
             started = time.perf_counter()
             run_steps(bound_steps(config),
                       on_step_end=lambda step, seconds, finished: record_step_time(
                           work_dir / TIMINGS_JSON, step, seconds, finished))
             print(f"\nall steps done in {time.perf_counter() - started:.0f} s", flush=True)
-        path = write_tables(work_dir, results_dir, run, classes)
-        write_run_json(results_dir, vars(args), command=run["command"])
+        path = write_tables(work_dir, results_dir, classes)
     except PipelineError as exc:
         print(f"experiment: error: {exc}", file=sys.stderr)
         return 2

@@ -33,6 +33,7 @@ class PipelineConfig:
     noise_dir: Path
     speaker_regex: str | None = None  # the mixing step's default when None
     models: tuple[str, ...] | None = None  # the enhancement driver's defaults when None
+    models_config: Path | None = None  # TOML of external models (SGMSE, StoRM, CDiffuSE)
     num_mixtures: int = 192
     test_fraction: float = 0.25
     n_folds: int = 3
@@ -148,6 +149,7 @@ def enhancement_step(config: PipelineConfig) -> None:
             "--noisy_dir", config.path(split) / "noisy", "--clean_dir", config.path(split) / "clean",
             "--output_dir", config.path(f"enhancement_{split}"),
             *(["--models", *config.models] if config.models else []),
+            *(["--models_config", config.models_config] if config.models_config else []),
             "--num_workers", config.num_workers, "--seed", config.seed,
         ])
 
@@ -189,6 +191,7 @@ def recommendation_step(config: PipelineConfig) -> None:
         "--use_hybrid_features",
         "--clean_speech_dir", config.path("test") / "clean",
         "--labels_csv", config.path("enhancement_test") / "labels.csv",
+        *(["--models_config", config.models_config] if config.models_config else []),
         "--num_workers", config.num_workers, "--seed", config.seed,
     ])
 

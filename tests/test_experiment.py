@@ -89,4 +89,4 @@ def test_tables_only_without_a_finished_run_is_a_clear_error(tmp_path: Path) -> 
                          "--work_dir", tmp_path / "work", "--results_root", tmp_path / "r", "--tables_only",
                          cwd=tmp_path)
     assert result.returncode == 2
-    assert "metadata.csv: not found" in result.stderr and "resume" in result.stderr
+    assert "run.json: not found" in result.stderr and "resume" in result.stderr

@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from serec.fileio import atomic_path, write_json_atomic
+from serec.fileio import write_json_atomic, write_text_atomic
 from serec.pipeline import REPO_ROOT, PipelineConfig, PipelineError, bound_steps, run_steps, shown
 from serec.runinfo import write_run_json
 
@@ -108,10 +108,15 @@ def noise_classes(noise_dir: Path, manifest: Path | None) -> dict[str, str]:
     return {Path(str(f)).name: str(c) for f, c in zip(table.file, table.noise_class, strict=True)}
 
 
+def both_splits(work_dir: Path, name: str) -> pd.DataFrame:
+    """enhancement_train/NAME and enhancement_test/NAME (scores.csv or labels.csv) as one table."""
+    return pd.concat([pd.read_csv(work_dir / f"enhancement_{split}" / name) for split in SPLITS])
+
+
 def labelled_mixtures(work_dir: Path, classes: Mapping[str, str]) -> pd.DataFrame:
     """metadata.csv of the mixtures joined with both splits' labels, plus a noise_class column."""
     metadata = pd.read_csv(work_dir / "mixtures" / "metadata.csv")
-    labels = pd.concat([pd.read_csv(work_dir / f"enhancement_{split}" / "labels.csv") for split in SPLITS])
+    labels = both_splits(work_dir, "labels.csv")
     table = metadata.merge(labels[["file", "label"]], on="file", how="left")
     names = table.noise_source.map(lambda p: Path(str(p)).name)
     table["noise_class"] = [classes.get(n, Path(n).stem) for n in names]
@@ -135,7 +140,7 @@ def label_distribution(table: pd.DataFrame, by: str, heading: str) -> str:
 
 def dataset_section(work_dir: Path, config: Mapping[str, Any], classes: Mapping[str, str]) -> str:
     table = labelled_mixtures(work_dir, classes)
-    durations = pd.concat([pd.read_csv(work_dir / f"enhancement_{s}" / "scores.csv") for s in SPLITS])
+    durations = both_splits(work_dir, "scores.csv")
     durations = durations.drop_duplicates("file").set_index("file").duration_s
     rows = []
     for split in (*SPLITS, None):
@@ -165,8 +170,8 @@ def dataset_section(work_dir: Path, config: Mapping[str, Any], classes: Mapping[
 
 def model_scores_section(work_dir: Path) -> str:
     """Mean of each score per model over every mixture (both splits), real-time factor, win share."""
-    scores = pd.concat([pd.read_csv(work_dir / f"enhancement_{s}" / "scores.csv") for s in SPLITS])
-    labels = pd.concat([pd.read_csv(work_dir / f"enhancement_{s}" / "labels.csv") for s in SPLITS])
+    scores = both_splits(work_dir, "scores.csv")
+    labels = both_splits(work_dir, "labels.csv")
     wins = labels.label.value_counts()
     rows = []
     for system, group in scores.groupby("system", sort=False):
@@ -246,10 +251,8 @@ def write_tables(work_dir: Path, results_dir: Path, classes: Mapping[str, str]) 
     sections = [header, dataset_section(work_dir, settings, classes), model_scores_section(work_dir),
                 f1_section(work_dir), routing_section(work_dir),
                 "## Time of each step\n\nWall time on this machine (`timings.json`).\n\n" + timings_table(timings)]
-    results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / TABLES_MD
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text("\n\n".join(sections) + "\n", encoding="utf-8")
+    write_text_atomic(path, "\n\n".join(sections) + "\n")
     write_json_atomic(results_dir / "run.json", run)
     if timings:
         write_json_atomic(results_dir / TIMINGS_JSON, timings)
@@ -315,7 +318,6 @@ def main(argv: list[str] | None = None) -> int:
             for folder in (args.clean_dir, args.noise_dir):
                 if not folder.is_dir():
                     raise PipelineError(f"{folder}: not a folder")
-            work_dir.mkdir(parents=True, exist_ok=True)
             write_run_json(work_dir, vars(args), command=command, code=_git_commit(),
                            machine=f"{platform.machine()}, {os.cpu_count()} cores")
             started = time.perf_counter()

@@ -8,6 +8,9 @@ text for that file; it never stops a run.
 Length alignment: when processed and reference lengths differ, both are trimmed to the
 shorter one (enhanced outputs keep the noisy length by contract, so this only matters for
 outside inputs, e.g. a system that adds or drops a tail).
+
+Long signals: PESQ is computed on consecutive segments of at most 18 s and averaged,
+weighted by duration (the `pesq` C code crashes the process on long speech; see `pesq_wb`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ if TYPE_CHECKING:
     from dnsmos import DNSMOS
 
 MetricFunction = Callable[[np.ndarray, np.ndarray], float]
+# Longest signal scored by one call of the `pesq` C code; see pesq_wb.
+PESQ_MAX_SEGMENT_S = 18.0
 
 
 def si_sdr(estimate: np.ndarray, reference: np.ndarray) -> float:
@@ -55,11 +60,42 @@ def si_sdr(estimate: np.ndarray, reference: np.ndarray) -> float:
     return 10.0 * math.log10(target_energy / residual_energy)
 
 
-def pesq_wb(processed: np.ndarray, reference: np.ndarray) -> float:
-    """Wide-band PESQ (ITU-T P.862.2) at 16 kHz via the `pesq` package."""
-    from pesq import pesq
+def pesq_segments(n_samples: int, sr: int, max_seconds: float) -> list[slice]:
+    """Consecutive, near-equal slices of at most `max_seconds` covering `n_samples` (one if it fits)."""
+    count = max(1, math.ceil(n_samples / (max_seconds * sr)))
+    bounds = np.linspace(0, n_samples, count + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
-    return float(pesq(SAMPLE_RATE, reference, processed, "wb"))
+
+def pesq_wb(processed: np.ndarray, reference: np.ndarray) -> float:
+    """Wide-band PESQ (ITU-T P.862.2) at 16 kHz via the `pesq` package, long signals in segments.
+
+    The `pesq` C code keeps at most 50 utterances and writes past its arrays when the
+    reference has more (a segfault that takes the process down): its voice activity
+    detector needs at least 200 ms of speech and joins pauses of 200 ms or less, so an
+    utterance takes more than 0.4 s and a signal of `PESQ_MAX_SEGMENT_S` (18 s) cannot
+    hold 50. A signal up to that length is scored whole; a longer one is cut into
+    consecutive near-equal segments of at most that length (`pesq_segments`), each is
+    scored, and the result is the duration-weighted mean over the segments in which PESQ
+    finds speech (a segment whose reference has no utterance is left out). If no segment
+    has speech, the NoUtterancesError of the first is raised.
+    """
+    from pesq import NoUtterancesError, pesq
+
+    scores: list[float] = []
+    weights: list[int] = []
+    no_speech: NoUtterancesError | None = None
+    for part in pesq_segments(reference.shape[0], SAMPLE_RATE, PESQ_MAX_SEGMENT_S):
+        try:
+            scores.append(float(pesq(SAMPLE_RATE, reference[part], processed[part], "wb")))
+        except NoUtterancesError as exc:
+            no_speech = no_speech or exc
+            continue
+        weights.append(part.stop - part.start)
+    if not scores:
+        assert no_speech is not None
+        raise no_speech
+    return float(np.average(scores, weights=weights))
 
 
 def _pystoi(processed: np.ndarray, reference: np.ndarray, extended: bool) -> float:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import math
 import pickle
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 from pesq import pesq
 from pystoi import stoi
 
+from serec import quality
 from serec.audio import resample
-from serec.quality import METRIC_NAMES, METRICS, QualityScorer, si_sdr
+from serec.quality import METRIC_NAMES, METRICS, QualityScorer, pesq_segments, si_sdr
 from serec.synth import NOISE_KINDS, speech_like
 
 INTRUSIVE = ["pesq_wb", "stoi", "estoi", "si_sdr"]
@@ -129,3 +133,53 @@ def test_dnsmos_batched_with_per_file_errors(pair: tuple[np.ndarray, np.ndarray]
 def test_unknown_metric_rejected() -> None:
     with pytest.raises(ValueError, match="unknown metrics"):
         QualityScorer(metrics=["pesq_nb"])
+
+
+def test_pesq_segments_cover_the_signal_in_near_equal_parts() -> None:
+    assert pesq_segments(16000 * 18, 16000, 18.0) == [slice(0, 16000 * 18)]
+    parts = pesq_segments(16000 * 200 + 7, 16000, 18.0)
+    assert len(parts) == 12 and parts[0].start == 0 and parts[-1].stop == 16000 * 200 + 7
+    assert all(a.stop == b.start for a, b in zip(parts[:-1], parts[1:], strict=True))
+    lengths = [p.stop - p.start for p in parts]
+    assert max(lengths) <= 16000 * 18 and max(lengths) - min(lengths) <= 1
+
+
+def test_segmented_pesq_is_the_duration_weighted_mean(
+    pair: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    noisy, clean = pair
+    monkeypatch.setattr(quality, "PESQ_MAX_SEGMENT_S", 3.0)
+    scorer = QualityScorer(metrics=["pesq_wb"])
+    whole = pesq(16000, clean, noisy, "wb")
+    # Two identical 3 s halves: each segment is the short file, so the mean equals its PESQ.
+    twice = scorer.score(np.tile(noisy, 2), np.tile(clean, 2))
+    assert twice.errors == {} and twice.values["pesq_wb"] == pytest.approx(whole, abs=1e-6)
+    # Halves of different quality: the mean of the two, between them.
+    worse = (clean + 3 * (noisy - clean)).astype(np.float32)
+    mixed = scorer.score(np.concatenate([noisy, worse]), np.tile(clean, 2)).values["pesq_wb"]
+    low = pesq(16000, clean, worse, "wb")
+    assert low < mixed < whole and mixed == pytest.approx((whole + low) / 2, abs=1e-6)
+    # A segment whose reference holds no speech is left out, not averaged in as a failure.
+    quiet = 1e-3 * NOISE_KINDS["impulsive"](np.random.default_rng(2), 3.0)
+    gap = scorer.score(np.concatenate([noisy, quiet]), np.concatenate([clean, quiet]))
+    assert gap.errors == {} and gap.values["pesq_wb"] == pytest.approx(whole, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_pesq_on_a_200_s_file_does_not_crash() -> None:
+    # Whole-signal PESQ segfaults on long speech: run in a subprocess so a crash fails
+    # this test instead of killing the test run.
+    script = textwrap.dedent("""
+        import numpy as np
+        from serec.quality import QualityScorer
+        from serec.synth import NOISE_KINDS, speech_like
+        rng = np.random.default_rng(3)
+        clean = np.tile(speech_like(rng, 20.0), 10)
+        noisy = (clean + 0.05 * np.tile(NOISE_KINDS["pink"](rng, 20.0), 10)).astype(np.float32)
+        result = QualityScorer(metrics=["pesq_wb"]).score(noisy, clean)
+        print(result.values["pesq_wb"], result.error_text() or "no errors")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"exit status {done.returncode}: {done.stderr[-2000:]}"
+    value, errors = done.stdout.split(maxsplit=1)
+    assert 1.04 <= float(value) <= 4.64 and errors.strip() == "no errors"

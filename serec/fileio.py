@@ -12,11 +12,47 @@ import csv
 import io
 import json
 import os
+import re
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+
+class UnsafeFileId(ValueError):
+    """A file id read from a file that is absolute or climbs out of its folder with `..`."""
+
+
+def check_file_id(file_id: str, source: str | os.PathLike[str]) -> str:
+    """`file_id` unchanged if it is a relative path that stays inside the folder it is joined to.
+
+    File ids read from CSVs (labels.csv, metadata.csv, scores.csv, ...) are joined to input
+    and output folders, so an edited or foreign CSV with `/etc/x.wav` or `../../x.wav` would
+    read or write outside them. UnsafeFileId names the CSV (`source`) and the id. Both
+    separators count (`\\` too), so a Windows-made id is judged the same way.
+    """
+    parts = file_id.replace("\\", "/").split("/")
+    if not file_id.strip():
+        reason = "is empty"
+    elif file_id.startswith(("/", "\\")) or re.match(r"[A-Za-z]:[/\\]", file_id):
+        reason = "is an absolute path"
+    elif ".." in parts:
+        reason = "contains '..'"
+    elif "\0" in file_id:
+        reason = "contains a NUL character"
+    else:
+        return file_id
+    raise UnsafeFileId(
+        f"{source}: file id {file_id!r} {reason}; ids must be paths relative to their folder, "
+        "inside it (fix or regenerate the CSV)"
+    )
+
+
+def check_file_ids(file_ids: Iterable[str], source: str | os.PathLike[str]) -> None:
+    """check_file_id for every id of one CSV: the first unsafe one raises UnsafeFileId."""
+    for file_id in file_ids:
+        check_file_id(str(file_id), source)
 
 
 @contextmanager

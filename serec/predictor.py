@@ -1,0 +1,167 @@
+"""The quality predictor: from a noisy recording's features, each enhancer's score gain.
+
+For every model in the zoo a gradient-boosted tree ensemble (LightGBM) predicts the label
+metric's gain of that model's output over the noisy input (e.g. DNSMOS OVR of the output
+minus OVR of the input). One booster per (fold, model) is trained on the other folds,
+so the fold models give out-of-fold predictions for every training file (the inner
+validation the routing policies' settings are chosen on) and, together, an ensemble whose
+mean is the prediction and whose spread across folds is its uncertainty.
+
+Boosters are kept as LightGBM's own text format, so a checkpoint is plain strings and
+numbers (`torch.load(weights_only=True)` reads it; no pickled objects).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+PREDICTOR_KIND = "quality_predictor"
+TARGET = "gain_over_noisy"
+# Small, regularised trees: a few hundred training files per fold, a few hundred features.
+DEFAULT_BOOSTER_PARAMS: dict[str, Any] = {
+    "objective": "huber",
+    "alpha": 0.3,  # Huber's transition: gains beyond +-0.3 MOS count linearly, not squared
+    "learning_rate": 0.05,
+    "num_leaves": 15,
+    "min_data_in_leaf": 20,
+    "feature_fraction": 0.7,
+    "bagging_fraction": 0.8,
+    "bagging_freq": 1,
+    "lambda_l2": 1.0,
+    "deterministic": True,
+    "force_row_wise": True,
+    "num_threads": 1,
+    "verbosity": -1,
+}
+DEFAULT_NUM_ROUNDS = 300
+
+
+class PredictorError(ValueError):
+    """Training or checkpoint data the predictor cannot use (message says which and why)."""
+
+
+def _lightgbm():
+    try:
+        import lightgbm
+    except ImportError as exc:  # pragma: no cover - lightgbm is in requirements.txt
+        raise PredictorError(f"the quality predictor needs lightgbm ({exc}); run make install") from exc
+    return lightgbm
+
+
+@dataclass
+class QualityPredictor:
+    """Fold ensemble of per-model boosters predicting each model's gain over the noisy input."""
+
+    models: list[str]
+    feature_names: list[str]
+    boosters: list[list[str]]  # [fold][model]: LightGBM model text
+    params: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_BOOSTER_PARAMS))
+    num_rounds: int = DEFAULT_NUM_ROUNDS
+    seed: int = 0
+
+    @classmethod
+    def fit(
+        cls,
+        features: np.ndarray,
+        gains: np.ndarray,
+        folds: Sequence[int],
+        models: Sequence[str],
+        feature_names: Sequence[str],
+        *,
+        seed: int = 0,
+        params: Mapping[str, Any] | None = None,
+        num_rounds: int = DEFAULT_NUM_ROUNDS,
+    ) -> tuple[QualityPredictor, np.ndarray]:
+        """Train one booster per (fold, model); return the predictor and out-of-fold predictions.
+
+        `gains` is (files, models), NaN where a model failed on a file (that pair is left
+        out of that model's training). `folds` gives each file's fold (0..K-1, K >= 2).
+        """
+        lgb = _lightgbm()
+        features = np.asarray(features, dtype=np.float64)
+        gains = np.asarray(gains, dtype=np.float64)
+        folds = np.asarray(folds)
+        if features.ndim != 2 or gains.shape != (features.shape[0], len(models)):
+            raise PredictorError(
+                f"features {features.shape} and gains {gains.shape} do not match "
+                f"{len(models)} models and one row per file"
+            )
+        if features.shape[1] != len(feature_names):
+            raise PredictorError(f"{features.shape[1]} feature columns but {len(feature_names)} names")
+        fold_ids = sorted(set(folds.tolist()))
+        if len(fold_ids) < 2:
+            raise PredictorError("the quality predictor needs at least 2 folds of training files")
+        merged = {**DEFAULT_BOOSTER_PARAMS, **(params or {}), "seed": seed}
+        oof = np.full(gains.shape, np.nan)
+        boosters: list[list[str]] = []
+        for fold in fold_ids:
+            train, held = folds != fold, folds == fold
+            fold_boosters = []
+            for j, model in enumerate(models):
+                usable = train & np.isfinite(gains[:, j])
+                if usable.sum() < 2 * merged["min_data_in_leaf"]:
+                    raise PredictorError(
+                        f"model {model}: only {int(usable.sum())} training files with a score outside "
+                        f"fold {fold}; need at least {2 * merged['min_data_in_leaf']}"
+                    )
+                data = lgb.Dataset(features[usable], gains[usable, j], free_raw_data=True)
+                booster = lgb.train(merged, data, num_boost_round=num_rounds)
+                oof[held, j] = booster.predict(features[held])
+                fold_boosters.append(booster.model_to_string())
+            boosters.append(fold_boosters)
+        predictor = cls(list(models), list(feature_names), boosters, merged, num_rounds, seed)
+        return predictor, oof
+
+    def predict(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, spread): predicted gain per (file, model) and its std across the fold models."""
+        lgb = _lightgbm()
+        features = np.asarray(features, dtype=np.float64)
+        if features.ndim != 2 or features.shape[1] != len(self.feature_names):
+            raise PredictorError(
+                f"expected {len(self.feature_names)} features per file, got shape {features.shape}"
+            )
+        per_fold = np.stack([
+            np.column_stack([lgb.Booster(model_str=text).predict(features) for text in fold])
+            for fold in self.boosters
+        ])
+        return per_fold.mean(axis=0), per_fold.std(axis=0)
+
+    def to_metadata(self) -> dict[str, Any]:
+        """Plain data for a checkpoint (strings, numbers, lists, dicts)."""
+        return {"kind": PREDICTOR_KIND, "target": TARGET, **asdict(self)}
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, Any]) -> QualityPredictor:
+        if meta.get("kind") != PREDICTOR_KIND:
+            raise PredictorError(f"not a quality-predictor checkpoint (kind {meta.get('kind')!r})")
+        try:
+            predictor = cls(
+                list(meta["models"]),
+                list(meta["feature_names"]),
+                [list(fold) for fold in meta["boosters"]],
+                dict(meta["params"]),
+                int(meta["num_rounds"]),
+                int(meta["seed"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PredictorError(f"quality-predictor checkpoint is incomplete ({exc}); retrain it") from exc
+        if not predictor.boosters or any(len(f) != len(predictor.models) for f in predictor.boosters):
+            raise PredictorError("quality-predictor checkpoint has no boosters or a fold missing models; retrain it")
+        return predictor
+
+
+def gain_table(
+    scores: Mapping[tuple[str, str], float], files: Sequence[str], models: Sequence[str], noisy: str
+) -> np.ndarray:
+    """(files, models) gains score(file, model) - score(file, noisy); NaN where either is missing."""
+    table = np.full((len(files), len(models)), np.nan)
+    for i, fid in enumerate(files):
+        base = scores.get((fid, noisy), math.nan)
+        for j, model in enumerate(models):
+            table[i, j] = scores.get((fid, model), math.nan) - base
+    return table

@@ -1,0 +1,52 @@
+"""The DNSMOS embedding: the network's own activations, consistent with its scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from dnsmos import DNSMOS
+from dnsmos.embedding import EMBEDDING_SIZES, DnsmosEmbedder, embedding_names
+from serec.synth import coloured_noise, speech_like
+
+
+@pytest.fixture(scope="module")
+def embedder() -> DnsmosEmbedder:
+    return DnsmosEmbedder(num_threads=1)
+
+
+def _output_layer(embedder: DnsmosEmbedder) -> tuple[np.ndarray, np.ndarray]:
+    weights = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(embedder.files.primary)).graph.initializer}
+    prefix = "mos_estimator_logpow/dense_3/"
+    return weights[prefix + "MatMul/ReadVariableOp/resource:0"], weights[prefix + "BiasAdd/ReadVariableOp/resource:0"]
+
+
+def test_dense_embedding_reproduces_the_raw_dnsmos_scores(embedder: DnsmosEmbedder) -> None:
+    rng = np.random.default_rng(0)
+    clip = speech_like(rng, 11.0) + 0.05 * coloured_noise(rng, 11.0, 1.0)  # two windows
+    vector = embedder.embed(clip)
+    assert vector.shape == (len(embedding_names()),) == (sum(EMBEDDING_SIZES.values()),)
+    assert vector.dtype == np.float32
+    # The output layer is linear, so it maps the mean hidden activation to the mean raw score.
+    w, b = _output_layer(embedder)
+    dense = vector[EMBEDDING_SIZES["dnsmos_pool"]:].astype(np.float64)
+    clip_scores = DNSMOS(num_threads=1).score_clips([clip])[0]
+    np.testing.assert_allclose(
+        dense @ w + b, [clip_scores.sig_raw, clip_scores.bak_raw, clip_scores.ovr_raw], atol=1e-4
+    )
+
+
+def test_embedding_is_deterministic_defined_for_short_clips_and_tells_inputs_apart(
+    embedder: DnsmosEmbedder,
+) -> None:
+    rng = np.random.default_rng(1)
+    speech = speech_like(rng, 3.0)
+    noise = 0.3 * coloured_noise(rng, 3.0, 0.0)
+    np.testing.assert_array_equal(embedder.embed(speech), embedder.embed(speech.copy()))
+    assert np.isfinite(embedder.embed(speech[:200])).all()
+    assert np.abs(embedder.embed(speech) - embedder.embed(noise)).max() > 0.1
+    with pytest.raises(ValueError, match="NaN"):
+        embedder.embed(np.full(1000, np.nan, dtype=np.float32))
+    assert embedding_names()[0] == "dnsmos_pool_00" and embedding_names()[-1] == "dnsmos_dense_63"

@@ -46,6 +46,9 @@ class Option:
     # "path": a file or folder, resolved against the config file's folder;
     # "command": a bare name is looked up on PATH, anything with a "/" is a path.
     path: str | None = None
+    # False for keys that change how a model runs but not what it outputs (batch size,
+    # log file): changing them never makes earlier outputs stale.
+    affects_output: bool = True
 
 
 def _type_ok(value: Any, kind: type | tuple[type, ...]) -> bool:
@@ -96,7 +99,8 @@ class Enhancer(ABC):
     # Options common to every enhancer; subclasses extend `options`.
     common_options: ClassVar[dict[str, Option]] = {
         "type": Option(str, None, "which enhancer implementation a config table uses"),
-        "batch_size": Option(int, 1, "files per enhance_batch call the driver should send"),
+        "batch_size": Option(int, 1, "files per enhance_batch call the driver should send",
+                             affects_output=False),
     }
     options: ClassVar[dict[str, Option]] = {}
 
@@ -121,6 +125,13 @@ class Enhancer(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, device={self.device!r}, seed={self.seed})"
+
+    def output_settings(self) -> dict[str, Any]:
+        """The resolved options that shape the outputs (implementation and values), for run.json."""
+        options = self.all_options()
+        settings = {k: v for k, v in self.config.items() if options[k].affects_output}
+        settings["type"] = self.config["type"] or self.name
+        return settings
 
     def __getstate__(self) -> dict[str, Any]:
         # Lazily built native state (library handles, cached checks) stays in its process.

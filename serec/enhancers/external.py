@@ -87,15 +87,15 @@ class ExternalEnhancer(Enhancer):
     cuda_only_reason: ClassVar[str] = ""
     common_options: ClassVar[dict[str, Option]] = {
         **Enhancer.common_options,
-        "batch_size": Option(int, 64, "files per subprocess (the model is loaded once per batch)"),
+        "batch_size": Option(int, 64, "files per subprocess (the model is loaded once per batch)", affects_output=False),
         "repo": Option(str, None, "clone of the upstream repository (working directory of its scripts)", path="path"),
-        "python": Option(str, "python", "Python of the repository's own environment", path="command"),
+        "python": Option(str, "python", "Python of the repository's own environment", path="command", affects_output=False),
         "extra_args": Option(list, [], "more arguments appended to the inference command line"),
         "env": Option(dict, {}, "environment variables for the subprocess"),
-        "timeout_s": Option(float, 0.0, "kill a batch subprocess after this many seconds (0: no limit)"),
+        "timeout_s": Option(float, 0.0, "kill a batch subprocess after this many seconds (0: no limit)", affects_output=False),
         "seeded": Option(bool, True, "seed random/numpy/torch with --seed before the script runs "
                          "(through launch.py; argv and sys.path are what `python SCRIPT` gives)"),
-        "log_file": Option(str, None, "append every subprocess's output to this file", path="path"),
+        "log_file": Option(str, None, "append every subprocess's output to this file", path="path", affects_output=False),
     }
 
     def __init__(

@@ -235,8 +235,13 @@ def _prepare_output(config: EnhancementConfig) -> None:
     if config.overwrite:
         for name in (SCORES_CSV, LABELS_CSV):
             (config.output_dir / name).unlink(missing_ok=True)
+        enhanced = (config.output_dir / "enhanced").resolve()
         for model in config.models:
-            shutil.rmtree(config.output_dir / "enhanced" / model, ignore_errors=True)
+            folder = (enhanced / model).resolve()
+            # Only ever a model's own folder inside enhanced/, whatever the name holds.
+            if folder.parent != enhanced:
+                raise ValueError(f"--overwrite: model name {model!r} is not a folder name inside {enhanced}")
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _check_models(config: EnhancementConfig, model_configs: dict[str, dict]) -> dict[str, Enhancer]:

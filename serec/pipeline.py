@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from serec.fileio import atomic_path
+from serec.fileio import UnsafeFileId, atomic_path, check_file_ids
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,7 +96,11 @@ def split_folders(mixtures: Path, output_dir: Path) -> dict[str, int]:
     The recommender learns from `train` only; `test` (speakers it never saw) plays the new
     recordings. Links no longer listed in metadata.csv are removed, so a re-run matches it.
     """
-    metadata = pd.read_csv(mixtures / "metadata.csv")
+    metadata = pd.read_csv(mixtures / "metadata.csv", dtype={"file": str})
+    try:
+        check_file_ids(metadata.file, mixtures / "metadata.csv")  # joined to the links' folders
+    except UnsafeFileId as exc:
+        raise PipelineError(str(exc)) from exc
     counts = {}
     for split in ("train", "test"):
         rows = metadata[metadata.split == split]

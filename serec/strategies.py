@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from serec.audio import load_audio
-from serec.fileio import write_csv_atomic
+from serec.fileio import check_file_ids, write_csv_atomic
 from serec.labels import LABEL_COLUMNS_FIXED, NOISY_SYSTEM
 from serec.routing import (
     KEEP_NOISY,
@@ -83,6 +83,7 @@ def read_enhancement_scores(labels_csv: str | os.PathLike[str]) -> EnhancementSc
         label_rows = list(reader)
     if not set(LABEL_COLUMNS_FIXED) <= set(columns):
         raise ValueError(f"{labels_csv}: columns {columns} are not a labels.csv's ({', '.join(LABEL_COLUMNS_FIXED)}, <MODEL>_ovr...)")
+    check_file_ids((r["file"] for r in label_rows), labels_csv)
     models = [c[: -len("_ovr")] for c in columns if c.endswith("_ovr") and c != "best_ovr"]
     values: dict[tuple[str, str], dict[str, float]] = {}
     seconds: dict[tuple[str, str], float] = {}

@@ -30,7 +30,13 @@ from transformers import ASTModel
 
 from serec.audio import AudioError, load_audio
 from serec.features import feature_path, load_feature_matrix
-from serec.fileio import atomic_path, write_csv_atomic, write_json_atomic
+from serec.fileio import (
+    UnsafeFileId,
+    atomic_path,
+    check_file_ids,
+    write_csv_atomic,
+    write_json_atomic,
+)
 from serec.mixing import DEFAULT_SPEAKER_REGEX
 from serec.models import (
     ASTRecommender,
@@ -164,6 +170,10 @@ def read_labels(path: str | os.PathLike[str]) -> pd.DataFrame:
     missing = {"file", "label"} - set(table.columns)
     if missing:
         raise RecommenderError(f"{path}: no column(s) {sorted(missing)}; not a labels.csv")
+    try:
+        check_file_ids(table["file"], path)  # the ids are joined to --audio_dir and --output_dir
+    except UnsafeFileId as exc:
+        raise RecommenderError(str(exc)) from exc
     empty = table["label"].str.strip() == ""
     if empty.any():
         raise RecommenderError(
@@ -195,6 +205,10 @@ def file_groups(
             raise RecommenderError(f"{path}: cannot read metadata ({exc})") from exc
         if "file" not in meta.columns or not {"speaker", "clean_source"} & set(meta.columns):
             raise RecommenderError(f"{path}: needs columns file and speaker or clean_source")
+        try:
+            check_file_ids(meta["file"], path)
+        except UnsafeFileId as exc:
+            raise RecommenderError(str(exc)) from exc
         speaker = meta["speaker"] if "speaker" in meta.columns else pd.Series("", index=meta.index)
         source = meta["clean_source"] if "clean_source" in meta.columns else speaker
         group = speaker.where(speaker.str.strip() != "", "clean:" + source)

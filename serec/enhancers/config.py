@@ -10,6 +10,8 @@ from typing import Any
 from serec.enhancers.base import ModelsConfigError, validate_options
 from serec.enhancers.registry import enhancer_class
 
+FORMULA_START = ("=", "+", "-", "@")
+
 
 def load_models_config(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     """Read a models config: `{model name: its table}`, validated against each enhancer.
@@ -38,6 +40,7 @@ def load_models_config(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]
             raise ModelsConfigError(
                 f"{path}: top-level key {name!r} is not a model table; write it inside a [MODEL] table"
             )
+        check_model_name(name, path)
         try:
             cls = enhancer_class(name, table)
         except ModelsConfigError as exc:
@@ -51,6 +54,27 @@ def load_models_config(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]
                 resolved[key] = str(_resolve(value, path.parent))
         models[name] = resolved
     return models
+
+
+def check_model_name(name: str, source: str | os.PathLike[str]) -> str:
+    """`name` unchanged if it can name a folder inside an output folder, else ModelsConfigError.
+
+    A model's name becomes a folder (`enhanced/<MODEL>/`, deleted by --overwrite) and a CSV
+    value, so a path-like name (absolute, `/`, `\\`, `..`, `.`) could reach outside the
+    output folder, and one starting with `=`, `+`, `-` or `@` would be read as a formula by
+    a spreadsheet (or as a flag on a command line).
+    """
+    if not name.strip() or name == "." or any(mark in name for mark in ("/", "\\", "..", "\0")):
+        raise ModelsConfigError(
+            f"{source}: model name [{name}] is empty or path-like (absolute, '.', or contains '/', '\\' or '..'); "
+            "a model name becomes a folder name: use letters, digits, '_', '-' and '.'"
+        )
+    if name.startswith(FORMULA_START):
+        raise ModelsConfigError(
+            f"{source}: model name [{name}] starts with {name[0]!r}, which spreadsheets read as a "
+            "formula; start it with a letter or digit"
+        )
+    return name
 
 
 def _resolve(value: str, base: Path) -> Path:

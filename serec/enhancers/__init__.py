@@ -10,6 +10,7 @@ from serec.enhancers.base import (
 from serec.enhancers.builtin import BuiltinEnhancer
 from serec.enhancers.config import load_models_config
 from serec.enhancers.external import SGMSE, CDiffuSE, ExternalEnhancer, StoRM
+from serec.enhancers.pretrained import PretrainedEnhancer
 from serec.enhancers.registry import (
     available_enhancers,
     create_enhancer,
@@ -40,6 +41,7 @@ __all__ = [
     "EnhancerUnavailable",
     "ModelsConfigError",
     "Option",
+    "PretrainedEnhancer",
     "available_enhancers",
     "create_enhancer",
     "enhancer_class",

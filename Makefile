@@ -10,11 +10,13 @@ TORCH_SPEC ?= torch==2.13.0
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+# requirements-nodeps.txt: wheels we only read model files from, without their dependencies (README).
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -29,6 +29,7 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from dnsmos.embedding import DnsmosEmbedder, embedding_names
 from serec.audio import (
     AUDIO_SUFFIXES,
     SAMPLE_RATE,
@@ -78,6 +79,7 @@ DESCRIPTOR_FEATURE_NAMES: tuple[str, ...] = (
     "spectral_centroid_std_hz",
     "duration_s",
 )
+EMBEDDING_NAMES: tuple[str, ...] = embedding_names()
 FEATURES_JSON = "features.json"
 ERRORS_CSV = "errors.csv"
 ERROR_COLUMNS = ("file", "reason")
@@ -266,6 +268,12 @@ def default_dnsmos() -> QualityScorer:
     return build_dnsmos()
 
 
+@cache
+def default_embedder() -> DnsmosEmbedder:
+    """One DNSMOS embedder per process, on one onnxruntime thread (parallelism is per file)."""
+    return DnsmosEmbedder(num_threads=1)
+
+
 def _dnsmos_scores(audio: np.ndarray, scorer: QualityScorer) -> np.ndarray:
     scores = scorer.score(audio, SAMPLE_RATE)
     return np.array([scores[k] for k in ("sig", "bak", "ovr", "p808")], dtype=np.float64)
@@ -283,6 +291,8 @@ class FeatureSet:
     names: tuple[str, ...]
     needs_dnsmos: bool
     params: Mapping[str, Any] = field(default_factory=dict)
+    # Append the DNSMOS network's internal activations (dnsmos.embedding).
+    needs_embedding: bool = False
 
 
 _CEKL_PARAMS = {
@@ -312,6 +322,17 @@ FEATURE_SETS: dict[str, FeatureSet] = {
         },
     ),
 }
+FEATURE_SETS["dnsmos_embed"] = FeatureSet(
+    "dnsmos_embed",
+    FEATURE_SETS["cekl_plus"].names + EMBEDDING_NAMES,
+    needs_dnsmos=True,
+    params={
+        **FEATURE_SETS["cekl_plus"].params,
+        "embedding": "dnsmos.embedding.DnsmosEmbedder: mean over DNSMOS windows of the P.835 "
+        "network's global max pooling (64) and last hidden layer (64)",
+    },
+    needs_embedding=True,
+)
 
 
 def get_feature_set(feature_set: str) -> FeatureSet:
@@ -349,6 +370,8 @@ def extract_features(
         parts.append(
             _descriptors(power, x.size / SAMPLE_RATE if duration_s is None else duration_s)
         )
+    if spec.needs_embedding:
+        parts.append(default_embedder().embed(x, SAMPLE_RATE))
     vector = np.concatenate(parts).astype(np.float32)
     if not np.all(np.isfinite(vector)):
         bad = [n for n, v in zip(spec.names, vector, strict=True) if not np.isfinite(v)]

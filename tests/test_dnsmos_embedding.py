@@ -50,3 +50,14 @@ def test_embedding_is_deterministic_defined_for_short_clips_and_tells_inputs_apa
     with pytest.raises(ValueError, match="NaN"):
         embedder.embed(np.full(1000, np.nan, dtype=np.float32))
     assert embedding_names()[0] == "dnsmos_pool_00" and embedding_names()[-1] == "dnsmos_dense_63"
+
+
+def test_dnsmos_embed_feature_set_is_cekl_plus_then_the_embedding(embedder: DnsmosEmbedder) -> None:
+    from serec.features import extract_features, feature_names
+
+    clip = speech_like(np.random.default_rng(2), 2.5)
+    vector = extract_features(clip, 16_000, "dnsmos_embed")
+    plus = extract_features(clip, 16_000, "cekl_plus")
+    assert feature_names("dnsmos_embed") == feature_names("cekl_plus") + list(embedding_names())
+    np.testing.assert_allclose(vector[: plus.size], plus)
+    np.testing.assert_allclose(vector[plus.size :], embedder.embed(clip), rtol=1e-6)

@@ -1,0 +1,110 @@
+"""Untrusted inputs (issue 15): file ids and model names that would escape their folders,
+broken symlinks in input folders, and the one validation rule of every step."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from serec.audio import write_wav
+from serec.fileio import UnsafeFileId, check_file_id
+from serec.synth import speech_like
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(script: str, *args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True, timeout=300
+    )
+
+
+def write_speech(path: Path, seconds: float = 1.0, seed: int = 0) -> Path:
+    return write_wav(path, speech_like(np.random.default_rng(seed), seconds))
+
+
+@pytest.mark.parametrize("fid", ["../outside.wav", "a/../../outside.wav", "/etc/passwd", "C:\\x.wav", "a\\..\\b", ""])
+def test_unsafe_file_ids_are_refused_naming_the_csv(fid: str) -> None:
+    with pytest.raises(UnsafeFileId, match="labels.csv: file id"):
+        check_file_id(fid, "labels.csv")
+
+
+def test_safe_file_ids_pass_unchanged() -> None:
+    for fid in ("a.wav", "spk1/utt 1.wav", "a..b.wav", "x:y.wav"):
+        assert check_file_id(fid, "labels.csv") == fid
+
+
+def test_recommender_refuses_label_ids_outside_audio_dir(tmp_path: Path) -> None:
+    audio = tmp_path / "audio"
+    for i in range(4):
+        write_speech(audio / f"set_spk{i}_0.wav", seed=i)
+    write_speech(tmp_path / "outside.wav")
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame({
+        "file": [f"set_spk{i}_0.wav" for i in range(4)] + ["../outside.wav"],
+        "label": ["webrtc", "speex", "webrtc", "speex", "webrtc"],
+    }).to_csv(labels, index=False)
+    out = tmp_path / "rec"
+    done = run_script("model_recommender_w_scaler.py", "--training_stage", "single", "--labels_csv", labels,
+                      "--output_dir", out, "--audio_dir", audio, "--pretrained_models", "none",
+                      "--n_folds", "2", "--num_epochs", "1")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"{labels}: file id '../outside.wav' contains '..'" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not list(tmp_path.glob("*.npy")) and not list(out.rglob("*.npy"))
+
+
+def test_training_metadata_and_split_links_refuse_escaping_ids(tmp_path: Path) -> None:
+    from serec.pipeline import PipelineError, split_folders
+    from serec.training import RecommenderError, file_groups
+
+    metadata = tmp_path / "mixtures" / "metadata.csv"
+    metadata.parent.mkdir()
+    pd.DataFrame({"file": ["a.wav", "/abs/b.wav"], "speaker": ["s1", "s2"],
+                  "split": ["train", "test"]}).to_csv(metadata, index=False)
+    with pytest.raises(RecommenderError, match="'/abs/b.wav' is an absolute path"):
+        file_groups(["a.wav"], metadata)
+    with pytest.raises(PipelineError, match="'/abs/b.wav' is an absolute path"):
+        split_folders(metadata.parent, tmp_path / "work")
+    assert not (tmp_path / "work").exists()
+
+
+def test_strategy_comparison_refuses_escaping_label_ids(tmp_path: Path) -> None:
+    from serec.strategies import read_enhancement_scores
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,label,best_model,best_ovr,webrtc_ovr\n../x.wav,webrtc,webrtc,3.0,3.0\n")
+    (tmp_path / "scores.csv").write_text("file,system,status\n")
+    with pytest.raises(UnsafeFileId, match="'../x.wav' contains '..'"):
+        read_enhancement_scores(labels)
+
+
+@pytest.mark.parametrize("name", ["../victim", "/abs/model", "a\\b", ".", "=HYPERLINK(1)", "-x"])
+def test_path_or_formula_like_model_names_are_refused(tmp_path: Path, name: str) -> None:
+    from serec.enhancers import ModelsConfigError, load_models_config
+
+    config = tmp_path / "models.toml"
+    config.write_text(f'["{name}"]\ntype = "webrtc"\n'.replace("\\", "\\\\"))
+    with pytest.raises(ModelsConfigError, match=f"{config}: model name"):
+        load_models_config(config)
+
+
+def test_overwrite_with_a_path_like_model_name_deletes_nothing(tmp_path: Path) -> None:
+    noisy = tmp_path / "noisy"
+    write_speech(noisy / "a.wav")
+    out = tmp_path / "out"
+    victim = out / "victim"
+    (victim / "keep.txt").parent.mkdir(parents=True)
+    (victim / "keep.txt").write_text("precious")
+    config = tmp_path / "models.toml"
+    config.write_text('["../victim"]\ntype = "webrtc"\n')
+    done = run_script("enhancement_driver.py", "--noisy_dir", noisy, "--output_dir", out, "--models",
+                      "../victim", "--models_config", config, "--overwrite")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "model name [../victim] is empty or path-like" in done.stderr
+    assert (victim / "keep.txt").read_text() == "precious"

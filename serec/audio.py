@@ -86,6 +86,8 @@ def validate_audio(
 
 def audio_info(path: str | os.PathLike[str]) -> sf._SoundFileInfo:
     """Header of an audio file; AudioError if it is unreadable or not audio."""
+    if _is_broken_link(Path(path)):
+        raise AudioError(path, f"broken symbolic link (its target {os.readlink(path)} does not exist)")
     try:
         return sf.info(str(path))
     except Exception as exc:  # soundfile raises LibsndfileError, RuntimeError, TypeError
@@ -160,8 +162,15 @@ def write_wav(path: str | os.PathLike[str], audio: np.ndarray, sr: int = SAMPLE_
     return Path(path)
 
 
-def list_audio_files(roots: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """All .wav/.flac files under one or more folders, recursively, in a stable sorted order."""
+def list_audio_files(
+    roots: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], recursive: bool = True
+) -> list[Path]:
+    """All .wav/.flac files in one or more folders (and their subfolders), in a stable sorted order.
+
+    The one place input folders are listed. A broken symbolic link with an audio suffix is
+    listed too, not silently dropped: reading it raises AudioError("broken symbolic link
+    ..."), so every step reports it with the other bad files.
+    """
     if isinstance(roots, (str, os.PathLike)):
         roots = [roots]
     found: list[Path] = []
@@ -169,10 +178,16 @@ def list_audio_files(roots: str | os.PathLike[str] | Iterable[str | os.PathLike[
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"{root}: not a directory")
+        entries = root.rglob("*") if recursive else root.iterdir()
         found.extend(
-            p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES
+            p for p in entries
+            if p.suffix.lower() in AUDIO_SUFFIXES and (p.is_file() or _is_broken_link(p))
         )
     return sorted(found)
+
+
+def _is_broken_link(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
 
 
 def file_id(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> str:

@@ -31,7 +31,6 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dnsmos.embedding import DnsmosEmbedder, embedding_names
 from serec.audio import (
-    AUDIO_SUFFIXES,
     SAMPLE_RATE,
     AudioError,
     Seconds,
@@ -497,11 +496,7 @@ def _compute_job(
 def _list_inputs(input_root: Path, recursive: bool) -> list[Path]:
     if recursive:
         return list_audio_files(input_root)
-    if not input_root.is_dir():
-        raise FileNotFoundError(f"{input_root}: not a directory")
-    files = sorted(
-        p for p in input_root.iterdir() if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES
-    )
+    files = list_audio_files(input_root, recursive=False)
     nested = len(list_audio_files(input_root)) - len(files)
     if nested:
         log.warning(

@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test_fraction", type=float, default=DEFAULT_TEST_FRACTION,
                         help="fraction of speakers in split 'test', the rest 'train'; no "
                              "speaker is in both (default: %(default)s)")
+    parser.add_argument("--noise_test_fraction", type=float, default=None,
+                        help="fraction of noise recordings used only by split 'test', the rest "
+                             "only by 'train', so no test noise is heard in training (default: "
+                             "every recording in both splits)")
     parser.add_argument("--speaker_regex", default=DEFAULT_SPEAKER_REGEX,
                         help="regex with one group capturing the speaker id from the clean "
                              "file name; the default fits <dataset>_<speaker>_<utterance>.wav "
@@ -85,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             target_level_jitter=args.target_level_jitter,
             seed=args.seed,
             test_fraction=args.test_fraction,
+            noise_test_fraction=args.noise_test_fraction,
             speaker_regex=args.speaker_regex,
             save_noise=args.save_noise,
             num_workers=args.num_workers,

@@ -77,6 +77,7 @@ SKIPPED_COLUMNS = ("file", "role", "reason")
 # Independent random streams derived from --seed (SeedSequence spawn keys).
 _MIXTURE_STREAM = 0
 _SPLIT_STREAM = 1
+_NOISE_SPLIT_STREAM = 2
 # Per-worker source cache budget: 64 M float32 samples (256 MB, about 70 min of audio).
 _CACHE_SAMPLES = 64 * 2**20
 
@@ -272,20 +273,40 @@ def speaker_of(path: str | Path, pattern: re.Pattern[str]) -> str:
     return match.group(1)
 
 
-def split_speakers(speakers: Iterable[str], test_fraction: float, seed: int) -> dict[str, str]:
-    """Assign each speaker to `train` or `test`; `test_fraction` of the speakers go to test.
+def split_speakers(
+    speakers: Iterable[str], test_fraction: float, seed: int, stream: int = _SPLIT_STREAM
+) -> dict[str, str]:
+    """Assign each speaker (or other key) to `train` or `test`; `test_fraction` go to test.
 
-    Deterministic in (speakers, fraction, seed). With at least two speakers and
-    0 < fraction < 1, both splits get at least one speaker.
+    Deterministic in (keys, fraction, seed, stream). With at least two keys and
+    0 < fraction < 1, both splits get at least one key. Noise recordings are split
+    with the same rule on their own random stream.
     """
     unique = sorted(set(speakers))
     n = len(unique)
     n_test = math.floor(test_fraction * n + 0.5)
     if n >= 2 and 0 < test_fraction < 1:
         n_test = min(max(n_test, 1), n - 1)
-    order = _rng(seed, _SPLIT_STREAM).permutation(n)
+    order = _rng(seed, stream).permutation(n)
     test = {unique[i] for i in order[:n_test]}
     return {spk: ("test" if spk in test else "train") for spk in unique}
+
+
+def noise_pools(
+    noise_files: Sequence[Path], noise_test_fraction: float | None, seed: int
+) -> dict[str, list[Path]]:
+    """The noise recordings each split draws from: all of them, or disjoint sets.
+
+    With `noise_test_fraction` None both splits share every recording (test mixtures may
+    reuse training noises); otherwise that share of the recordings is test-only and the
+    rest train-only, so no test noise recording is heard in training.
+    """
+    if noise_test_fraction is None:
+        return {"train": list(noise_files), "test": list(noise_files)}
+    split_of = split_speakers([str(p) for p in noise_files], noise_test_fraction, seed, _NOISE_SPLIT_STREAM)
+    return {
+        split: [p for p in noise_files if split_of[str(p)] == split] for split in ("train", "test")
+    }
 
 
 def _safe_stem(path: Path) -> str:
@@ -314,6 +335,7 @@ class MixingConfig:
     target_level_jitter: Decibels = 0.0
     seed: int = 0
     test_fraction: float = DEFAULT_TEST_FRACTION
+    noise_test_fraction: float | None = None
     speaker_regex: str = DEFAULT_SPEAKER_REGEX
     save_noise: bool = False
     num_workers: int = 1
@@ -339,6 +361,8 @@ class MixingConfig:
             raise ValueError(f"--target_level_jitter must be >= 0, got {self.target_level_jitter}")
         if not 0.0 <= self.test_fraction <= 1.0:
             raise ValueError(f"--test_fraction must be in [0, 1], got {self.test_fraction}")
+        if self.noise_test_fraction is not None and not 0.0 <= self.noise_test_fraction <= 1.0:
+            raise ValueError(f"--noise_test_fraction must be in [0, 1], got {self.noise_test_fraction}")
         if self.num_workers < 1:
             raise ValueError(f"--num_workers must be >= 1, got {self.num_workers}")
         compile_speaker_regex(self.speaker_regex)
@@ -401,8 +425,11 @@ class _Mixer:
 
     def __init__(self, config: MixingConfig, noise_files: Sequence[Path]) -> None:
         self.config = config
-        self.noise_files = list(noise_files)
         self.cache = _SourceCache()
+        self.use_noise(noise_files)
+
+    def use_noise(self, noise_files: Sequence[Path]) -> None:
+        self.noise_by_split = noise_pools(noise_files, self.config.noise_test_fraction, self.config.seed)
 
     def check_source(self, item: tuple[str, Path]) -> tuple[str, Path, str | None]:
         role, path = item
@@ -420,7 +447,14 @@ class _Mixer:
     def make(self, task: MixtureTask) -> tuple[int, dict[str, Any] | None, dict[str, str] | None]:
         cfg = self.config
         rng = mixture_rng(cfg.seed, task.index)
-        noise_path = self.noise_files[int(rng.integers(len(self.noise_files)))]
+        pool = self.noise_by_split[task.split]
+        if not pool:
+            return task.index, None, {
+                "file": f"mixture {task.index:05d}", "role": "mixture",
+                "reason": f"no noise recording in the {task.split} split (--noise_test_fraction "
+                f"{cfg.noise_test_fraction} of {sum(map(len, self.noise_by_split.values()))} recordings)",
+            }
+        noise_path = pool[int(rng.integers(len(pool)))]
         snr_db = self._draw_snr(rng)
         jitter = float(rng.uniform(-cfg.target_level_jitter, cfg.target_level_jitter))
         target_level_db = round(cfg.target_level_db + jitter, 3)
@@ -574,7 +608,7 @@ def run_mixing(config: MixingConfig) -> MixingSummary:
         log.error("no usable %s files: nothing to mix", "clean" if not good_clean else "noise")
     else:
         if local is not None:
-            local.noise_files = good_noise
+            local.use_noise(good_noise)
         split_of = split_speakers(speakers.values(), config.test_fraction, config.seed)
         tasks = []
         for index in range(requested):

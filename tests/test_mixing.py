@@ -350,3 +350,30 @@ def test_nothing_to_mix_is_reported(speech_noise_dirs: tuple[Path, Path], tmp_pa
     assert summary.made == 0 and summary.exit_status == 2
     assert read_csv(tmp_path / "out" / "metadata.csv") == []
     assert [r["role"] for r in read_csv(tmp_path / "out" / "skipped.csv")] == ["noise"]
+
+
+def test_noise_test_fraction_keeps_test_noises_out_of_training(
+    speech_noise_dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    clean_dir, noise_dir = speech_noise_dirs
+    summary = run_mixing(MixingConfig(
+        clean_dir=[clean_dir], noise_dir=[noise_dir], output_dir=tmp_path / "out", num_mixtures=24,
+        seed=4, test_fraction=0.34, noise_test_fraction=0.34,
+    ))
+    assert summary.exit_status == 0
+    noises: dict[str, set[str]] = {"train": set(), "test": set()}
+    speakers: dict[str, set[str]] = {"train": set(), "test": set()}
+    for row in summary.rows:
+        noises[row["split"]].add(row["noise_source"])
+        speakers[row["split"]].add(row["speaker"])
+    assert noises["train"] and noises["test"] and not noises["train"] & noises["test"]
+    assert not speakers["train"] & speakers["test"]
+    # Without the flag every recording serves both splits, as before the flag existed.
+    shared = run_mixing(MixingConfig(
+        clean_dir=[clean_dir], noise_dir=[noise_dir], output_dir=tmp_path / "shared", num_mixtures=24,
+        seed=4, test_fraction=0.34,
+    ))
+    used = {split: {r["noise_source"] for r in shared.rows if r["split"] == split} for split in ("train", "test")}
+    assert used["train"] & used["test"]
+    with pytest.raises(ValueError, match="noise_test_fraction"):
+        MixingConfig(clean_dir=[clean_dir], noise_dir=[noise_dir], output_dir=tmp_path, noise_test_fraction=1.5)

@@ -29,6 +29,10 @@ MAX_SECONDS = 3600.0
 # Peak at or below -80 dBFS counts as silence: a dithered 16-bit "silent" file peaks at
 # a few LSB (about -90 dBFS) and nothing audible is that quiet.
 SILENCE_PEAK = 1e-4
+# Active speech (level and SNR): 20 ms frames within ACTIVITY_RANGE_DB of the loud frames.
+FRAME_SECONDS = 0.02
+ACTIVITY_PERCENTILE = 95.0
+ACTIVITY_RANGE_DB = 30.0
 AUDIO_SUFFIXES = (".wav", ".flac")
 # libsndfile reads int16 k as k / 32768, so writing uses the same scale: load_audio of a
 # written file gives back exactly the quantised signal, and k / PCM16_SCALE is the float
@@ -193,3 +197,41 @@ def _is_broken_link(path: Path) -> bool:
 def file_id(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> str:
     """The contract's file id: the path relative to its input folder, with forward slashes."""
     return Path(path).relative_to(root).as_posix()
+
+
+def frame_energies(audio: np.ndarray, frame_length: int) -> np.ndarray:
+    """Mean square of consecutive non-overlapping frames; a last partial frame counts too."""
+    x = np.asarray(audio, dtype=np.float64)
+    n_full = x.size // frame_length
+    energies = (x[: n_full * frame_length] ** 2).reshape(n_full, frame_length).mean(axis=1)
+    if x.size % frame_length:
+        energies = np.append(energies, np.mean(x[n_full * frame_length :] ** 2))
+    return energies
+
+
+def active_mask(clean: np.ndarray, sr: int = SAMPLE_RATE) -> np.ndarray:
+    """Per-sample mask of active speech: 20 ms frames within 30 dB of the loud frames.
+
+    The reference is the 95th-percentile frame energy rather than the maximum, so a
+    single click does not mark real speech as inactive. The rule depends only on
+    energy ratios, so scaling the signal does not change the mask.
+    """
+    frame_length = int(round(FRAME_SECONDS * sr))
+    energies_db = 10.0 * np.log10(frame_energies(clean, frame_length) + 1e-20)
+    threshold = np.percentile(energies_db, ACTIVITY_PERCENTILE) - ACTIVITY_RANGE_DB
+    return np.repeat(energies_db > threshold, frame_length)[: len(clean)]
+
+
+def scale_to_active_level(audio: np.ndarray, level_db: float, sr: int = SAMPLE_RATE) -> np.ndarray:
+    """`audio` scaled so its active-part RMS is `level_db` dBFS (silence is returned as is).
+
+    Uses the same activity rule as the mixer's level and SNR, so a common level means
+    the same for noisy inputs and every enhancer's output. No clipping: the result is a
+    float signal for scoring, never written.
+    """
+    x = np.asarray(audio, dtype=np.float64)
+    active = x[active_mask(x, sr)]
+    rms = float(np.sqrt(np.mean(active**2))) if active.size else 0.0
+    if rms <= SILENCE_PEAK * 1e-2:
+        return np.asarray(audio, dtype=np.float32)
+    return (x * (10.0 ** (level_db / 20.0) / rms)).astype(np.float32)

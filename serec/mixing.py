@@ -32,6 +32,7 @@ from serec.audio import (
     SAMPLE_RATE,
     SILENCE_PEAK,
     AudioError,
+    active_mask,
     list_audio_files,
     load_audio,
     to_pcm16,
@@ -42,9 +43,6 @@ from serec.runinfo import write_run_json
 
 Decibels = float
 
-FRAME_SECONDS = 0.02
-ACTIVITY_PERCENTILE = 95.0
-ACTIVITY_RANGE_DB = 30.0
 CROSSFADE_SECONDS = 0.05
 CLIP_PEAK = 0.99
 # Noise under the speech must be audible (above the silence floor) and not far quieter
@@ -94,29 +92,6 @@ class MixingError(ValueError):
 
 
 # ---------------------------------------------------------------- signal-level functions
-
-
-def frame_energies(audio: np.ndarray, frame_length: int) -> np.ndarray:
-    """Mean square of consecutive non-overlapping frames; a last partial frame counts too."""
-    x = np.asarray(audio, dtype=np.float64)
-    n_full = x.size // frame_length
-    energies = (x[: n_full * frame_length] ** 2).reshape(n_full, frame_length).mean(axis=1)
-    if x.size % frame_length:
-        energies = np.append(energies, np.mean(x[n_full * frame_length :] ** 2))
-    return energies
-
-
-def active_mask(clean: np.ndarray, sr: int = SAMPLE_RATE) -> np.ndarray:
-    """Per-sample mask of active speech: 20 ms frames within 30 dB of the loud frames.
-
-    The reference is the 95th-percentile frame energy rather than the maximum, so a
-    single click does not mark real speech as inactive. The rule depends only on
-    energy ratios, so scaling the signal does not change the mask.
-    """
-    frame_length = int(round(FRAME_SECONDS * sr))
-    energies_db = 10.0 * np.log10(frame_energies(clean, frame_length) + 1e-20)
-    threshold = np.percentile(energies_db, ACTIVITY_PERCENTILE) - ACTIVITY_RANGE_DB
-    return np.repeat(energies_db > threshold, frame_length)[: len(clean)]
 
 
 def active_snr_db(clean: np.ndarray, noise: np.ndarray, sr: int = SAMPLE_RATE) -> Decibels:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from serec.audio import SAMPLE_RATE, SILENCE_PEAK, resample
+from serec.audio import SAMPLE_RATE, SILENCE_PEAK, resample, scale_to_active_level
 
 if TYPE_CHECKING:
     from dnsmos import DNSMOS
@@ -189,6 +189,11 @@ class QualityScorer:
             use, so a scorer can be built cheaply and sent to worker processes).
         metrics: names from METRICS to compute (None: all); the others stay NaN.
         num_threads: onnxruntime threads for the default DNSMOS scorer.
+        dnsmos_level_db: score DNSMOS on each signal scaled to this active-speech level
+            (dBFS) instead of as it is. DNSMOS rewards quieter output, so comparing
+            enhancers at their own levels is partly a loudness contest; None (the
+            reference behaviour) scores the signal unchanged. Intrusive metrics are
+            level-invariant or computed on the signal as it is.
     """
 
     def __init__(
@@ -196,6 +201,7 @@ class QualityScorer:
         dnsmos: DNSMOS | None = None,
         metrics: Sequence[str] | None = None,
         num_threads: int | None = None,
+        dnsmos_level_db: float | None = None,
     ) -> None:
         names = list(METRIC_NAMES if metrics is None else metrics)
         unknown = [n for n in names if n not in METRICS]
@@ -203,6 +209,7 @@ class QualityScorer:
             raise ValueError(f"unknown metrics {unknown}; known: {', '.join(METRIC_NAMES)}")
         self.specs = [METRICS[n] for n in names]
         self.num_threads = num_threads
+        self.dnsmos_level_db = dnsmos_level_db
         self._dnsmos = dnsmos
 
     @property
@@ -297,6 +304,8 @@ class QualityScorer:
         rate = specs[0].native_sr
         todo = [i for i, prepared in enumerate(signals) if prepared is not None]
         clips = [signals[i][rate][0] for i in todo]
+        if self.dnsmos_level_db is not None:
+            clips = [scale_to_active_level(clip, self.dnsmos_level_db, rate) for clip in clips]
         try:
             scores = self.dnsmos.score_batch(clips, rate)
         except Exception:

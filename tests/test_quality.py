@@ -183,3 +183,21 @@ def test_pesq_on_a_200_s_file_does_not_crash() -> None:
     assert done.returncode == 0, f"exit status {done.returncode}: {done.stderr[-2000:]}"
     value, errors = done.stdout.split(maxsplit=1)
     assert 1.04 <= float(value) <= 4.64 and errors.strip() == "no errors"
+
+
+def test_dnsmos_at_a_common_level_ignores_the_output_level() -> None:
+    from serec.audio import active_mask, scale_to_active_level
+    from serec.synth import coloured_noise, speech_like
+
+    rng = np.random.default_rng(3)
+    clip = (0.1 * speech_like(rng, 3.0) + 0.01 * coloured_noise(rng, 3.0, 1.0)).astype(np.float32)
+    scaled = scale_to_active_level(clip, -26.0)
+    active = scaled[active_mask(scaled)].astype(np.float64)
+    assert 10 * np.log10(np.mean(active**2)) == pytest.approx(-26.0, abs=1e-3)
+    levelled = QualityScorer(metrics=["dnsmos_ovr"], num_threads=1, dnsmos_level_db=-26.0)
+    as_is = QualityScorer(metrics=["dnsmos_ovr"], num_threads=1)
+    quiet, loud = levelled.score_batch([clip * 0.25, clip])
+    assert quiet.values["dnsmos_ovr"] == pytest.approx(loud.values["dnsmos_ovr"], abs=1e-3)
+    # The reference behaviour scores the signal as it is, so the level moves the score.
+    raw_quiet, raw_loud = as_is.score_batch([clip * 0.25, clip])
+    assert abs(raw_quiet.values["dnsmos_ovr"] - raw_loud.values["dnsmos_ovr"]) > 0.01

@@ -21,6 +21,7 @@ import functools
 import hashlib
 import importlib.util
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,7 +29,8 @@ from typing import Any, ClassVar
 import numpy as np
 from scipy.signal import get_window
 
-from serec.enhancers.base import EnhancerUnavailable
+from serec.audio import SAMPLE_RATE
+from serec.enhancers.base import EnhancementError, EnhancerUnavailable
 from serec.enhancers.builtin import BuiltinEnhancer, run_delay_compensated
 from serec.enhancers.registry import register_enhancer
 
@@ -133,6 +135,12 @@ class PretrainedEnhancer(BuiltinEnhancer):
         super().check()
         for weight in self.weights:
             weight.verified_path(self.name)
+
+    def enhance_batch(
+        self, audios: Sequence[np.ndarray], sr: int = SAMPLE_RATE, file_ids: Sequence[str] | None = None
+    ) -> list[np.ndarray | EnhancementError]:
+        self.check()  # a missing or corrupted weight file stops the model, not each file
+        return super().enhance_batch(audios, sr, file_ids)
 
     def sessions(self) -> list[Any]:
         """This process's onnxruntime sessions for `weights`, in order."""

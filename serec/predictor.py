@@ -69,7 +69,7 @@ class QualityPredictor:
         cls,
         features: np.ndarray,
         gains: np.ndarray,
-        folds: Sequence[int],
+        folds: Sequence[tuple[np.ndarray, np.ndarray]],
         models: Sequence[str],
         feature_names: Sequence[str],
         *,
@@ -80,12 +80,13 @@ class QualityPredictor:
         """Train one booster per (fold, model); return the predictor and out-of-fold predictions.
 
         `gains` is (files, models), NaN where a model failed on a file (that pair is left
-        out of that model's training). `folds` gives each file's fold (0..K-1, K >= 2).
+        out of that model's training). `folds` are (train, held-out) boolean masks over the
+        files, one pair per fold (crossed_folds makes them); a file in no held-out set keeps
+        NaN out-of-fold predictions.
         """
         lgb = _lightgbm()
         features = np.asarray(features, dtype=np.float64)
         gains = np.asarray(gains, dtype=np.float64)
-        folds = np.asarray(folds)
         if features.ndim != 2 or gains.shape != (features.shape[0], len(models)):
             raise PredictorError(
                 f"features {features.shape} and gains {gains.shape} do not match "
@@ -93,14 +94,13 @@ class QualityPredictor:
             )
         if features.shape[1] != len(feature_names):
             raise PredictorError(f"{features.shape[1]} feature columns but {len(feature_names)} names")
-        fold_ids = sorted(set(folds.tolist()))
-        if len(fold_ids) < 2:
+        if len(folds) < 2:
             raise PredictorError("the quality predictor needs at least 2 folds of training files")
         merged = {**DEFAULT_BOOSTER_PARAMS, **(params or {}), "seed": seed}
         oof = np.full(gains.shape, np.nan)
         boosters: list[list[str]] = []
-        for fold in fold_ids:
-            train, held = folds != fold, folds == fold
+        for fold, (train, held) in enumerate(folds):
+            train, held = np.asarray(train, dtype=bool), np.asarray(held, dtype=bool)
             fold_boosters = []
             for j, model in enumerate(models):
                 usable = train & np.isfinite(gains[:, j])
@@ -111,7 +111,8 @@ class QualityPredictor:
                     )
                 data = lgb.Dataset(features[usable], gains[usable, j], free_raw_data=True)
                 booster = lgb.train(merged, data, num_boost_round=num_rounds)
-                oof[held, j] = booster.predict(features[held])
+                if held.any():
+                    oof[held, j] = booster.predict(features[held])
                 fold_boosters.append(booster.model_to_string())
             boosters.append(fold_boosters)
         predictor = cls(list(models), list(feature_names), boosters, merged, num_rounds, seed)
@@ -165,3 +166,33 @@ def gain_table(
         for j, model in enumerate(models):
             table[i, j] = scores.get((fid, model), math.nan) - base
     return table
+
+
+def crossed_folds(
+    speakers: Sequence[str], noises: Sequence[str], n_folds: int, seed: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """K folds disjoint in speakers AND noise recordings: (train, held-out) masks per fold.
+
+    Speakers and noise recordings are each dealt to K folds (seeded shuffles). Fold k
+    holds out the files whose speaker and noise are both in k and trains on those whose
+    speaker and noise are both elsewhere; a file with one in k and the other not is left
+    out of both sides of fold k, so no held-out file shares a speaker or a noise recording
+    with the files its fold model learnt from.
+    """
+    if n_folds < 2:
+        raise PredictorError(f"need at least 2 folds, got {n_folds}")
+    rng = np.random.default_rng(seed)
+
+    def deal(keys: Sequence[str]) -> np.ndarray:
+        unique = sorted(set(keys))
+        if len(unique) < n_folds:
+            raise PredictorError(f"{len(unique)} distinct values cannot fill {n_folds} folds: {unique[:5]}")
+        fold_of = dict(zip([unique[i] for i in rng.permutation(len(unique))],
+                           np.arange(len(unique)) % n_folds, strict=True))
+        return np.array([fold_of[k] for k in keys])
+
+    speaker_fold, noise_fold = deal(speakers), deal(noises)
+    return [
+        ((speaker_fold != k) & (noise_fold != k), (speaker_fold == k) & (noise_fold == k))
+        for k in range(n_folds)
+    ]

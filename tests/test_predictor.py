@@ -18,7 +18,7 @@ from serec.policies import (
     top_k,
     verify,
 )
-from serec.predictor import PredictorError, QualityPredictor, gain_table
+from serec.predictor import PredictorError, QualityPredictor, crossed_folds, gain_table
 
 
 def _planted(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -36,7 +36,7 @@ def _planted(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def test_predictor_recovers_planted_rule_and_reloads_weights_only(tmp_path) -> None:
     features, gains = _planted(300, seed=1)
-    folds = np.arange(300) % 3
+    folds = [(np.arange(300) % 3 != k, np.arange(300) % 3 == k) for k in range(3)]
     predictor, oof = QualityPredictor.fit(
         features, gains, folds, ["A", "B", "C"], ["snr", "n1", "n2"], seed=0, num_rounds=150
     )
@@ -58,7 +58,7 @@ def test_predictor_recovers_planted_rule_and_reloads_weights_only(tmp_path) -> N
 def test_predictor_is_deterministic_and_skips_failed_pairs() -> None:
     features, gains = _planted(120, seed=3)
     gains[::7, 1] = np.nan  # model B failed on some files
-    folds = np.arange(120) % 2
+    folds = [(np.arange(120) % 2 != k, np.arange(120) % 2 == k) for k in range(2)]
     a, oof_a = QualityPredictor.fit(features, gains, folds, ["A", "B", "C"], ["s", "a", "b"], num_rounds=30)
     b, oof_b = QualityPredictor.fit(features, gains, folds, ["A", "B", "C"], ["s", "a", "b"], num_rounds=30)
     np.testing.assert_array_equal(oof_a, oof_b)
@@ -68,9 +68,9 @@ def test_predictor_is_deterministic_and_skips_failed_pairs() -> None:
 def test_predictor_errors_are_clear() -> None:
     features, gains = _planted(60, seed=4)
     with pytest.raises(PredictorError, match="at least 2 folds"):
-        QualityPredictor.fit(features, gains, np.zeros(60, int), ["A", "B", "C"], ["s", "a", "b"])
+        QualityPredictor.fit(features, gains, [(np.ones(60, bool), np.zeros(60, bool))], ["A", "B", "C"], ["s", "a", "b"])
     with pytest.raises(PredictorError, match="3 feature columns but 2 names"):
-        QualityPredictor.fit(features, gains, np.arange(60) % 2, ["A", "B", "C"], ["s", "a"])
+        QualityPredictor.fit(features, gains, [], ["A", "B", "C"], ["s", "a"])
     with pytest.raises(PredictorError, match="kind"):
         QualityPredictor.from_metadata({"kind": "ast"})
     with pytest.raises(PredictorError, match="retrain"):
@@ -141,3 +141,22 @@ def test_captured_share_is_the_ratio_of_gains() -> None:
     share = captured_share(strategy, baseline, oracle, seed=0)
     assert share.estimate == pytest.approx(0.75)
     assert share.low == pytest.approx(0.75) and share.high == pytest.approx(0.75)
+
+
+def test_crossed_folds_share_no_speaker_or_noise_between_sides() -> None:
+    rng = np.random.default_rng(0)
+    speakers = [f"spk{i}" for i in rng.integers(0, 12, 400)]
+    noises = [f"noise{i}" for i in rng.integers(0, 15, 400)]
+    folds = crossed_folds(speakers, noises, 4, seed=3)
+    assert len(folds) == 4
+    held_anywhere = np.zeros(400, bool)
+    for train, held in folds:
+        assert held.any() and train.any() and not (train & held).any()
+        for keys in (speakers, noises):
+            assert not {keys[i] for i in np.flatnonzero(train)} & {keys[i] for i in np.flatnonzero(held)}
+        held_anywhere |= held
+    # Each file is held out at most once (its speaker's fold must equal its noise's).
+    assert sum(int(h.sum()) for _, h in folds) == int(held_anywhere.sum())
+    assert crossed_folds(speakers, noises, 4, seed=3)[0][1].tolist() == folds[0][1].tolist()
+    with pytest.raises(PredictorError, match="cannot fill"):
+        crossed_folds(["a", "b"], ["x", "y"], 3, seed=0)

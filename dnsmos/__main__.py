@@ -1,8 +1,9 @@
 """DNSMOS files to CSV: python -m dnsmos PATH... --csv out.csv [--personalized] [--num_workers N].
 
 Writes the reference script's columns (filename, len_in_sec, sr, num_hops, OVRL_raw, SIG_raw,
-BAK_raw, OVRL, SIG, BAK, P808_MOS). Files that cannot be scored are left out of the CSV and
-listed on stderr; the exit status is 1 if any were, 2 for unusable arguments or models.
+BAK_raw, OVRL, SIG, BAK, P808_MOS). Files that cannot be scored (unreadable, and, as in every
+serec step, silent, shorter than 0.5 s or non-finite unless --score_anyway) are left out of the
+CSV and listed on stderr; the exit status is 1 if any were, 2 for unusable arguments or models.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--personalized", action="store_true", help="personalized DNSMOS (pDNSMOS) primary model")
     parser.add_argument("--num_workers", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--num_threads", type=int, default=None, help="onnxruntime threads per process (default: cores / workers)")
+    parser.add_argument("--score_anyway", action="store_true",
+                        help="also score silent, too short (< 0.5 s) or non-finite files, which every "
+                        "other step rejects (default: list them as not scored)")
     parser.add_argument("--dnsmos_model_dir", type=Path, default=None, help="folder with the ONNX models (default: the ones bundled with speechmos)")
     args = parser.parse_args(argv)
     if args.num_workers < 1:
@@ -33,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             model_dir=args.dnsmos_model_dir,
             num_workers=args.num_workers,
             num_threads=args.num_threads,
+            validate=not args.score_anyway,
         )
     except DnsmosModelError as exc:
         print(f"error: {exc}", file=sys.stderr)

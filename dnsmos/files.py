@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,9 @@ def _init_worker(scorer: DNSMOS) -> None:
     _worker_scorer = scorer
 
 
-def _score_in_worker(paths: list[str]) -> list[dict[str, Any]]:
+def _score_in_worker(paths: list[str], validate: bool) -> list[dict[str, Any]]:
     assert _worker_scorer is not None, "worker used before _init_worker"
-    return _worker_scorer.score_files(paths)
+    return _worker_scorer.score_files(paths, validate=validate)
 
 
 def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
@@ -57,8 +58,12 @@ def score_paths(
     num_workers: int = 1,
     num_threads: int | None = None,
     progress: bool = True,
+    validate: bool = True,
 ) -> list[dict[str, Any]]:
     """One row per file, in order: reference columns, or {'filename', 'error'} for a bad file.
+
+    `validate`: silent, too short (< 0.5 s) and non-finite files are bad files, as in
+    every other step; False scores every readable file.
 
     With num_workers > 1 each worker process scores its share of the files with its own
     ONNX sessions and, unless num_threads is given, cpu_count // num_workers threads.
@@ -74,12 +79,12 @@ def score_paths(
     bar = tqdm(total=len(names), desc="DNSMOS", unit="file", disable=not progress)
     if num_workers > 1 and len(chunks) > 1:
         with ProcessPoolExecutor(num_workers, initializer=_init_worker, initargs=(scorer,)) as pool:
-            for chunk_rows in pool.map(_score_in_worker, chunks):
+            for chunk_rows in pool.map(partial(_score_in_worker, validate=validate), chunks):
                 rows.extend(chunk_rows)
                 bar.update(len(chunk_rows))
     else:
         for chunk in chunks:
-            rows.extend(scorer.score_files(chunk))
+            rows.extend(scorer.score_files(chunk, validate=validate))
             bar.update(len(chunk))
     bar.close()
     return rows

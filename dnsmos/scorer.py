@@ -313,9 +313,13 @@ class DNSMOS:
         )
 
     def score_files(
-        self, paths: Iterable[str | os.PathLike[str]], files_per_batch: int = 16
+        self, paths: Iterable[str | os.PathLike[str]], files_per_batch: int = 16, validate: bool = True
     ) -> list[dict[str, Any]]:
-        """Reference-CSV rows for audio files; a bad file gives {'filename', 'error'}, no raise."""
+        """Reference-CSV rows for audio files; a bad file gives {'filename', 'error'}, no raise.
+
+        With `validate` (the rule of every serec step) a silent, too short or non-finite
+        file is a bad file; without it, every readable file is scored.
+        """
         from serec.audio import AudioError, load_audio
 
         paths = [str(p) for p in paths]
@@ -324,7 +328,7 @@ class DNSMOS:
             loaded: list[dict[str, Any] | np.ndarray] = []
             for path in paths[first : first + files_per_batch]:
                 try:
-                    loaded.append(prepare_audio(load_audio(path, validate=False), SAMPLE_RATE))
+                    loaded.append(prepare_audio(load_audio(path, validate=validate), SAMPLE_RATE))
                 except (AudioError, ValueError) as exc:
                     reason = exc.reason if isinstance(exc, AudioError) else str(exc)
                     loaded.append({"filename": path, "error": reason})

@@ -24,9 +24,10 @@ from serec.enhancers import (
     EnhancementError,
     EnhancerUnavailable,
     create_enhancer,
+    external,
     load_models_config,
 )
-from serec.enhancers.external import LAUNCHER
+from serec.enhancers.external import LAUNCHER, available_cores, checkpoint_hyper_parameters
 from serec.synth import speech_like
 
 FAKE_TORCH = '''
@@ -85,6 +86,7 @@ def model_output(model, y, filename, index):
 
 SGMSE_ENHANCEMENT = '''
 import glob
+import os
 import time
 from argparse import ArgumentParser
 from os import makedirs
@@ -114,6 +116,7 @@ if __name__ == '__main__':
 
     model = load_checkpoint(args.ckpt)
     print("seed", torch.initial_seed(), "device", args.device, "N", args.N)
+    print("threads", os.environ.get("OMP_NUM_THREADS"), os.environ.get("MKL_NUM_THREADS"))
 
     noisy_files = []
     noisy_files += sorted(glob.glob(join(args.test_dir, '*.wav')))
@@ -524,5 +527,85 @@ def test_cuda_only_models_say_so_without_cuda(
     weights = write(tmp_path / "weights.pt", "{}")
     cdiffuse = adapter(tmp_path, "CDiffuSE", common(cdiffuse_repo, torch_dirs["broken"])
                        + f'model_dir = "{weights}"\n')
-    with pytest.raises(EnhancerUnavailable, match="cannot import torch(.|\n)*libtorch_cuda.so"):
+    # Its inference script imports torch: the environment probe names the failing import.
+    with pytest.raises(EnhancerUnavailable, match="src/cdiffuse/inference.py does not start(.|\n)*"
+                       "the import that fails: ImportError: libtorch_cuda.so"):
         cdiffuse.check()
+
+
+def test_broken_environment_is_reported_before_any_work_on_cpu(
+    tmp_path: Path, sgmse_repo: Path, torch_dirs
+) -> None:
+    # SGMSE's own environment without torchaudio: found at check(), not as every batch failing.
+    script = sgmse_repo / "enhancement.py"
+    script.write_text("import torchaudio\n" + script.read_text())
+    sgmse = adapter(tmp_path, "SGMSE", common(sgmse_repo, torch_dirs["fake"]) + f'ckpt = "{checkpoint(tmp_path)}"\n')
+    with pytest.raises(EnhancerUnavailable, match="enhancement.py does not start with .*status 1.*"
+                       "the import that fails: ModuleNotFoundError: No module named 'torchaudio'"):
+        sgmse.check()
+
+
+class AttributeDict(dict):
+    """Stands for Lightning's hparams type: pickled by reference, never imported back."""
+
+
+def lightning_checkpoint(path: Path, sde: str) -> Path:
+    import collections
+
+    import torch
+
+    torch.save({"hyper_parameters": AttributeDict(sde=sde, backbone="ncsnpp", N=30),
+                "state_dict": collections.OrderedDict(weight=torch.zeros(4)), "epoch": 1}, path)
+    return path
+
+
+def test_schroedinger_bridge_checkpoints_need_cuda(tmp_path: Path, sgmse_repo: Path, torch_dirs) -> None:
+    sbve = lightning_checkpoint(tmp_path / "sbve.ckpt", "sbve")
+    ouve = lightning_checkpoint(tmp_path / "ouve.ckpt", "ouve")
+    assert checkpoint_hyper_parameters(sbve) == {"sde": "sbve", "backbone": "ncsnpp", "N": 30}
+    assert checkpoint_hyper_parameters(checkpoint(tmp_path)) is None  # not a torch archive: no verdict
+    table = common(sgmse_repo, torch_dirs["fake"])
+    with pytest.raises(EnhancerUnavailable, match="Schroedinger-bridge model .*sde = 'sbve'.*CUDA only"):
+        adapter(tmp_path, "SGMSE", table + f'ckpt = "{sbve}"\n').check()
+    adapter(tmp_path, "SGMSE", table + f'ckpt = "{ouve}"\n').check()
+
+
+def test_num_threads_reach_the_subprocess(
+    tmp_path: Path, sgmse_repo: Path, torch_dirs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what the worker setup leaves in this process
+    ckpt = checkpoint(tmp_path)
+    log = tmp_path / "threads.log"
+    table = common(sgmse_repo, torch_dirs["fake"]) + f'ckpt = "{ckpt}"\nlog_file = "{log}"\n'
+    adapter(tmp_path, "SGMSE", table).enhance_batch(inputs(1))
+    adapter(tmp_path, "SGMSE", table + "num_threads = 3\n").enhance_batch(inputs(1))
+    assert [line for line in log.read_text().splitlines() if line.startswith("threads")] == [
+        f"threads {available_cores()} {available_cores()}", "threads 3 3"]
+
+
+def test_progress_moves_within_a_batch(
+    tmp_path: Path, sgmse_repo: Path, torch_dirs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[int] = []
+
+    class RecordingBar:
+        def __init__(self, **kwargs: object) -> None:
+            self.n = 0
+
+        def __enter__(self) -> RecordingBar:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def update(self, k: int) -> None:
+            self.n += k
+            seen.append(self.n)
+
+    monkeypatch.setattr(external, "tqdm", RecordingBar)
+    monkeypatch.setattr(external, "PROGRESS_POLL_S", 0.05)
+    ckpt = checkpoint(tmp_path, sleep=0.4)  # per file, before its output is written
+    sgmse = adapter(tmp_path, "SGMSE", common(sgmse_repo, torch_dirs["fake"]) + f'ckpt = "{ckpt}"\n')
+    results = sgmse.enhance_batch(inputs(3), file_ids=FILE_IDS)
+    assert all(isinstance(r, np.ndarray) for r in results)
+    assert {1, 2} <= set(seen) and seen[-1] == 3  # counted as each output appeared, not at the end

@@ -4,31 +4,40 @@ Each batch is staged as 16 kHz 16-bit WAVs with flat, safe names in a temp folde
 upstream command lines (docs/upstream.md sections 2-4) run once per batch with the
 repository as working directory and the configured Python, and the outputs are read
 back, validated (present, finite, input length within 20 ms) and resampled to 16 kHz.
-A missing repo, script, checkpoint, Python or CUDA is reported by `check()` before
-any work starts.
+A missing repo, script, checkpoint, Python or CUDA, and a Python environment in which
+the scripts cannot start (each is run with `--help` once: a missing import shows there),
+are reported by `check()` before any work starts. Each subprocess gets `num_threads`
+OpenMP/MKL threads (default: every core this process may use; external batches run
+while no worker process of the run does), and its outputs are counted as they appear
+so a progress bar moves within a batch.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import re
 import shlex
 import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+from tqdm import tqdm
 
 from serec.audio import SAMPLE_RATE, AudioError, load_audio, write_wav
 from serec.enhancers.base import (
     EnhancementError,
     Enhancer,
     EnhancerUnavailable,
+    ModelsConfigError,
     Option,
     batch_file_ids,
     fit_length,
@@ -42,10 +51,14 @@ LAUNCHER = Path(__file__).with_name("launch.py")
 LENGTH_TOLERANCE_S = 0.02
 TAIL_LINES = 20
 TAIL_CHARS = 3000
-CUDA_CHECK_TIMEOUT_S = 300
+PROBE_TIMEOUT_S = 300
+# A checkpoint's data.pkl holds the structure, not the weights: a few MB at most.
+MAX_CHECKPOINT_PICKLE_BYTES = 64 * 2**20
+# How often a running batch's output folder is looked at for the progress bar.
+PROGRESS_POLL_S = 1.0
 
-# (python, repo, env) -> None if CUDA works, else the reason; checked once per process.
-_cuda_checks: dict[tuple[str, str, tuple[tuple[str, str], ...]], str | None] = {}
+# (what, python, repo, env) -> None if it works, else the reason; probed once per process.
+_probes: dict[tuple[str, str, str, tuple[tuple[str, str], ...]], str | None] = {}
 
 
 @dataclass(frozen=True)
@@ -62,6 +75,20 @@ def output_tail(text: str, lines: int = TAIL_LINES, chars: int = TAIL_CHARS) -> 
     kept = [line.rstrip() for line in re.split(r"[\r\n]+", text) if line.strip()]
     tail = "\n".join(kept[-lines:])
     return tail[-chars:]
+
+
+def failing_import(output: str) -> str | None:
+    """The last `ModuleNotFoundError: ...` or `ImportError: ...` line of a process's output."""
+    found = re.findall(r"^(?:ModuleNotFoundError|ImportError): .*$", output, flags=re.MULTILINE)
+    return found[-1].strip() if found else None
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def staged_name(index: int, file_id: str) -> str:
@@ -96,6 +123,8 @@ class ExternalEnhancer(Enhancer):
         "seeded": Option(bool, True, "seed random/numpy/torch with --seed before the script runs "
                          "(through launch.py; argv and sys.path are what `python SCRIPT` gives)"),
         "log_file": Option(str, None, "append every subprocess's output to this file", path="path", affects_output=False),
+        "num_threads": Option(int, 0, "OMP_NUM_THREADS and MKL_NUM_THREADS of the subprocess "
+                              "(0: every core this process may use)", affects_output=False),
     }
 
     def __init__(
@@ -108,6 +137,8 @@ class ExternalEnhancer(Enhancer):
             if value and (option.path == "path" or (option.path == "command" and "/" in value)):
                 self.config[key] = str(Path(value).expanduser().absolute())
         self.log_path: Path | None = Path(self.config["log_file"]) if self.config["log_file"] else None
+        if self.config["num_threads"] < 0:
+            raise ModelsConfigError(f"config: [{name}] num_threads must be >= 0, got {self.config['num_threads']}")
 
     def model_problem(self) -> str | None:
         """Why the configured checkpoint / model cannot be used, or None."""
@@ -139,7 +170,11 @@ class ExternalEnhancer(Enhancer):
         return str(path.absolute()) if path.is_file() and os.access(path, os.X_OK) else None
 
     def subprocess_env(self) -> dict[str, str]:
-        return {**os.environ, "PYTHONUNBUFFERED": "1", **self.default_env, **self.config["env"]}
+        # The worker setup caps this process at one thread (OMP_NUM_THREADS=1), which the
+        # subprocess would inherit; `env` can still override the thread counts.
+        threads = str(self.config["num_threads"] or available_cores())
+        return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+                **self.default_env, **self.config["env"]}
 
     def check(self) -> None:
         repo = self.repo
@@ -164,25 +199,46 @@ class ExternalEnhancer(Enhancer):
         problem = self.model_problem() or self.settings_problem()
         if problem:
             raise EnhancerUnavailable(self.name, problem)
+        for script in self.scripts:
+            reason = self._probed(script, python, repo, self._probe_script)
+            if reason:
+                raise EnhancerUnavailable(self.name, reason)
         if self.uses_cuda():
-            reason = self._cuda_problem(python, repo)
+            reason = self._probed("cuda", python, repo, self._probe_cuda)
             if reason:
                 raise EnhancerUnavailable(self.name, reason)
         self._checked = True
 
-    def _cuda_problem(self, python: str, repo: Path) -> str | None:
-        key = (python, str(repo), tuple(sorted(self.config["env"].items())))
-        if key not in _cuda_checks:
-            _cuda_checks[key] = self._probe_cuda(python, repo)
-        return _cuda_checks[key]
+    def _probed(self, what: str, python: str, repo: Path, probe: Callable[[str, str, Path], str | None]) -> str | None:
+        key = (what, python, str(repo), tuple(sorted(self.config["env"].items())))
+        if key not in _probes:
+            _probes[key] = probe(what, python, repo)
+        return _probes[key]
 
-    def _probe_cuda(self, python: str, repo: Path) -> str | None:
+    def _probe_script(self, script: str, python: str, repo: Path) -> str | None:
+        """Run `python SCRIPT --help` as a batch would run it: its imports must load."""
+        try:
+            done = subprocess.run(
+                [python, script, "--help"], cwd=repo, env=self.subprocess_env(), stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=PROBE_TIMEOUT_S,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"could not run {python} {script} --help to check its environment: {exc}"
+        if done.returncode == 0:
+            return None
+        missing = failing_import(done.stdout)
+        what = f"the import that fails: {missing}" if missing else f"last output:\n{output_tail(done.stdout)}"
+        return (f"{script} does not start with {python} (`{script} --help` exited with status "
+                f"{done.returncode}); {what}\nInstall the repository's requirements into that environment, "
+                "or set python = \"/path/to/env/bin/python\" of one that has them")
+
+    def _probe_cuda(self, _: str, python: str, repo: Path) -> str | None:
         argv = [python, "-c", "import torch; print(torch.cuda.is_available())"]
         why = self.cuda_only_reason or f"device = {self.device_name()!r} was asked for"
         try:
             done = subprocess.run(
                 argv, cwd=repo, env=self.subprocess_env(), stdin=subprocess.DEVNULL,
-                capture_output=True, text=True, timeout=CUDA_CHECK_TIMEOUT_S,
+                capture_output=True, text=True, timeout=PROBE_TIMEOUT_S,
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             return f"could not run {python} to check CUDA: {exc}"
@@ -221,7 +277,11 @@ class ExternalEnhancer(Enhancer):
                 in_dir.mkdir()
                 for name, audio, _ in staged.values():
                     write_wav(in_dir / name, audio)
-                failure = self._run_steps(work, in_dir)
+                outputs = [self.output_path(work, name) for name, _, _ in staged.values()]
+                with tqdm(total=len(outputs), desc=f"{self.name} batch", unit="file", leave=False,
+                          disable=None) as bar:
+                    failure = self._run_steps(work, in_dir, lambda: bar.update(
+                        sum(path.is_file() for path in outputs) - bar.n))
                 for i, (name, audio, length) in staged.items():
                     results[i] = self._collect(work, name, audio.size, sr, length, ids[i], failure)
         return [r for r in results if r is not None]
@@ -251,15 +311,16 @@ class ExternalEnhancer(Enhancer):
             return [python, str(LAUNCHER), str(self.seed), step.script, *step.args]
         return [python, step.script, *step.args]
 
-    def _run_steps(self, work: Path, in_dir: Path) -> str | None:
+    def _run_steps(self, work: Path, in_dir: Path, on_poll: Callable[[], None]) -> str | None:
         """Run the batch's commands in order; the reason of the first failure, or None."""
         for step in self.steps(work, in_dir):
-            failure = self._run(self.command(step), work)
+            failure = self._run(self.command(step), work, on_poll)
             if failure:
                 return f"{self.name}: {step.script} {failure}"
         return None
 
-    def _run(self, argv: list[str], work: Path) -> str | None:
+    def _run(self, argv: list[str], work: Path, on_poll: Callable[[], None]) -> str | None:
+        """Run one command, calling `on_poll` every PROGRESS_POLL_S while it runs."""
         log_path = self.log_path or work / "output.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         timeout = self.config["timeout_s"] or None
@@ -268,15 +329,13 @@ class ExternalEnhancer(Enhancer):
             log.flush()
             start = log.tell()
             try:
-                done = subprocess.run(
+                process = subprocess.Popen(
                     argv, cwd=self.repo, env=self.subprocess_env(), stdin=subprocess.DEVNULL,
-                    stdout=log, stderr=subprocess.STDOUT, timeout=timeout, check=False,
+                    stdout=log, stderr=subprocess.STDOUT,
                 )
-                status = done.returncode
-            except subprocess.TimeoutExpired:
-                status = None
             except OSError as exc:
                 return f"could not be started: {exc}"
+            status = _follow(process, timeout, on_poll)
         if status == 0:
             return None
         with open(log_path, "rb") as log:
@@ -284,6 +343,28 @@ class ExternalEnhancer(Enhancer):
             tail = output_tail(log.read().decode("utf-8", errors="replace"))
         what = f"timed out after {timeout:g} s" if status is None else f"exited with status {status}"
         return f"{what}; last output:\n{tail}" if tail else what
+
+
+def _follow(process: subprocess.Popen, timeout: float | None, on_poll: Callable[[], None]) -> int | None:
+    """Wait for `process`, polling; its exit status, or None when it ran past `timeout` (killed)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while True:
+            wait = PROGRESS_POLL_S if deadline is None else min(PROGRESS_POLL_S, deadline - time.monotonic())
+            try:
+                status = process.wait(max(wait, 0.0))
+            except subprocess.TimeoutExpired:
+                on_poll()
+                if deadline is not None and time.monotonic() >= deadline:
+                    return None
+                continue
+            on_poll()
+            return status
+    finally:
+        # Timed out, Ctrl-C or any error here: the batch's process must not outlive it.
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 @register_enhancer("SGMSE")
@@ -295,7 +376,9 @@ class SGMSE(ExternalEnhancer):
     reads IN/*.wav, writes OUT/<same name> at the model rate (48 kHz for ncsnpp_48k).
     TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 is set by default: Lightning checkpoints do not
     load with torch >= 2.6 otherwise. `device` defaults to the driver's --device; the
-    pc sampler runs on CPU, the ode sampler needs CUDA.
+    pc sampler runs on CPU, the ode sampler needs CUDA, and so do Schroedinger-bridge
+    checkpoints (`sde = "sbve"` in their hyper_parameters, read by `check()` without
+    loading the checkpoint; one whose hyper_parameters cannot be read is not refused).
     """
 
     scripts = ("enhancement.py",)
@@ -318,7 +401,15 @@ class SGMSE(ExternalEnhancer):
         return self.device_name().startswith("cuda")
 
     def model_problem(self) -> str | None:
-        return _file_problem(self.config["ckpt"], "ckpt", "checkpoint", self.name)
+        problem = _file_problem(self.config["ckpt"], "ckpt", "checkpoint", self.name)
+        if problem or self.uses_cuda():
+            return problem
+        sde = (checkpoint_hyper_parameters(self.config["ckpt"]) or {}).get("sde")
+        if sde == "sbve":
+            return (f"checkpoint {self.config['ckpt']} is a Schroedinger-bridge model (hyper_parameters "
+                    "sde = 'sbve'), which SGMSE runs on CUDA only whatever the sampler; "
+                    "use device = \"cuda\" or a score-based (ouve) checkpoint")
+        return None
 
     def settings_problem(self) -> str | None:
         if self.config["sampler_type"] == "ode" and not self.uses_cuda():
@@ -426,6 +517,56 @@ class CDiffuSE(ExternalEnhancer):
 
     def output_path(self, work: Path, name: str) -> Path:
         return work / "enhanced" / "spec" / name
+
+
+class _Inert(dict):
+    """Stands in for every class a checkpoint's pickle names: built, filled, never run."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Inert:
+        return dict.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, dict):
+            self.update(state)
+
+    def append(self, item: Any) -> None:
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
+
+
+class _InertUnpickler(pickle.Unpickler):
+    """Reads a pickle's plain data without importing or calling anything it names."""
+
+    def find_class(self, module: str, name: str) -> type:
+        return _Inert
+
+    def persistent_load(self, pid: Any) -> None:
+        return None  # tensor storages: not read
+
+
+def checkpoint_hyper_parameters(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """`hyper_parameters` of a Lightning checkpoint (a torch zip archive), or None if unreadable.
+
+    Only the archive's small `data.pkl` is read, with every class replaced by an inert
+    stand-in, so no code in the checkpoint runs and no weights are loaded. Plain values
+    (strings, numbers) come back as they are, which is what the SDE name is.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            info = next((i for i in archive.infolist() if i.filename.endswith("data.pkl")), None)
+            if info is None or info.file_size > MAX_CHECKPOINT_PICKLE_BYTES:
+                return None
+            data = archive.read(info)
+        loaded = _InertUnpickler(io.BytesIO(data)).load()
+    except Exception:  # not a zip, a foreign or damaged pickle: nothing can be told from it
+        return None
+    hyper = loaded.get("hyper_parameters") if isinstance(loaded, dict) else None
+    return dict(hyper) if isinstance(hyper, dict) else None
 
 
 def _file_problem(value: str | None, key: str, what: str, name: str) -> str | None:

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from serec.enhancement import EnhancementConfig, format_summary, run_enhancement
+from serec.enhancement import EnhancementConfig, format_failures, format_summary, run_enhancement
 from serec.enhancers import DEFAULT_MODELS, EnhancerUnavailable, available_enhancers
 from serec.labels import LabelRule
 
@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: completed pairs are kept; run the same command to resume", file=sys.stderr)
         return 130
     print(format_summary(summary))
+    if summary.failures:
+        print(format_failures(summary), file=sys.stderr)
     print(f"\nscores: {summary.scores_csv}\nlabels: {summary.labels_csv}\n"
           f"enhanced audio: {args.output_dir / 'enhanced'}")
     return summary.exit_status

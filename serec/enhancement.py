@@ -87,6 +87,8 @@ class EnhancementSummary:
     scores_csv: Path
     labels_csv: Path
     elapsed_s: float
+    # (file, system, reason) of every pair recorded with status=error, in file order.
+    failures: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def exit_status(self) -> int:
@@ -308,6 +310,7 @@ def run_enhancement(config: EnhancementConfig) -> EnhancementSummary:
         pairs_done_now=todo,
         pairs_skipped=len(wanted) - todo,
         errors=sum(1 for r in final if r["status"] == "error"),
+        failures=[(r["file"], r["system"], r["error"]) for r in final if r["status"] == "error"],
         label_counts=dict(Counter(str(r["label"]) for r in labels).most_common()),
         metric_means=_metric_means(final, systems),
         scores_csv=scores_path,
@@ -419,12 +422,27 @@ def format_summary(summary: EnhancementSummary) -> str:
     return "\n".join(lines)
 
 
+def format_failures(summary: EnhancementSummary, limit: int = 5) -> str:
+    """The first `limit` failed files, each with its failed systems and reason ('' if none)."""
+    by_file: dict[str, tuple[list[str], str]] = {}
+    for fid, system, reason in summary.failures:
+        systems, _ = by_file.setdefault(fid, ([], reason))
+        systems.append(system)
+    lines = [f"failed: {len(by_file)} file(s), {len(summary.failures)} (file, system) pair(s); first ones:"]
+    for fid, (systems, reason) in list(by_file.items())[:limit]:
+        lines.append(f"  {fid} [{', '.join(systems)}]: {reason}")
+    if len(by_file) > limit:
+        lines.append(f"  ... {len(by_file) - limit} more: status=error rows of {summary.scores_csv}")
+    return "\n".join(lines) if by_file else ""
+
+
 __all__ = [
     "EXIT_OK",
     "EXIT_SOME_ERRORS",
     "SCORE_COLUMNS",
     "EnhancementConfig",
     "EnhancementSummary",
+    "format_failures",
     "format_summary",
     "run_enhancement",
 ]

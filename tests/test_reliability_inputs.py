@@ -108,3 +108,54 @@ def test_overwrite_with_a_path_like_model_name_deletes_nothing(tmp_path: Path) -
     assert done.returncode == 2, done.stderr[-2000:]
     assert "model name [../victim] is empty or path-like" in done.stderr
     assert (victim / "keep.txt").read_text() == "precious"
+
+
+def bad_folder(root: Path) -> Path:
+    """good.wav, an all-silent file, a 0.1 s file and a broken symbolic link."""
+    write_speech(root / "good.wav")
+    write_wav(root / "silent.wav", np.zeros(16000, np.float32))
+    write_speech(root / "short.wav", seconds=0.1)
+    (root / "broken.wav").symlink_to(root / "gone.wav")
+    return root
+
+
+def test_a_broken_symlink_is_listed_and_reported(tmp_path: Path) -> None:
+    from serec.audio import AudioError, list_audio_files, load_audio
+
+    folder = bad_folder(tmp_path / "in")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "deep.wav").symlink_to(tmp_path / "nowhere.wav")
+    assert [p.name for p in list_audio_files(folder)] == ["broken.wav", "good.wav", "short.wav", "silent.wav",
+                                                          "deep.wav"]
+    assert "deep.wav" not in [p.name for p in list_audio_files(folder, recursive=False)]
+    with pytest.raises(AudioError, match=f"broken symbolic link \\(its target {tmp_path / 'in' / 'gone.wav'}"):
+        load_audio(folder / "broken.wav")
+
+
+def test_enhancement_driver_prints_the_failed_files_and_reasons(tmp_path: Path) -> None:
+    noisy = bad_folder(tmp_path / "noisy")
+    done = run_script("enhancement_driver.py", "--noisy_dir", noisy, "--output_dir", tmp_path / "out",
+                      "--models", "none")
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "failed: 3 file(s), 6 (file, system) pair(s)" in done.stderr
+    assert "broken.wav [noisy, none]: broken symbolic link" in done.stderr
+    assert "short.wav [noisy, none]: too short: 0.100 s" in done.stderr
+    assert "silent.wav [noisy, none]: all-silent" in done.stderr
+
+
+def test_dnsmos_cli_applies_the_validation_rule_of_every_step(tmp_path: Path) -> None:
+    folder = bad_folder(tmp_path / "in")
+
+    def dnsmos(*flags: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+        out = tmp_path / "dnsmos.csv"
+        done = subprocess.run([sys.executable, "-m", "dnsmos", str(folder), "--csv", str(out), *flags],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+        return done, sorted(Path(f).name for f in pd.read_csv(out).filename)
+
+    done, scored = dnsmos()
+    assert done.returncode == 1 and scored == ["good.wav"]
+    for name, reason in [("silent", "all-silent"), ("short", "too short"), ("broken", "broken symbolic link")]:
+        assert f"skipped {folder / name}.wav: {reason}" in done.stderr
+    done, scored = dnsmos("--score_anyway")
+    assert done.returncode == 1 and scored == ["good.wav", "short.wav", "silent.wav"]
+    assert "broken symbolic link" in done.stderr

@@ -15,6 +15,7 @@ from pathlib import Path
 from serec.enhancement import EnhancementConfig, format_failures, format_summary, run_enhancement
 from serec.enhancers import DEFAULT_MODELS, EnhancerUnavailable, available_enhancers
 from serec.labels import LabelRule
+from serec.lock import OutputLocked
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         summary = run_enhancement(config)
-    except (EnhancerUnavailable, FileNotFoundError, ValueError) as exc:
+    except (EnhancerUnavailable, OutputLocked, FileNotFoundError, ValueError) as exc:
         print(f"enhancement_driver: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

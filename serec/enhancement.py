@@ -3,9 +3,10 @@
 This is the longest step users run (hours to days with diffusion models), so it never
 loses work: each enhanced WAV is written atomically, each score row is appended whole
 to `scores.csv` as soon as its chunk finishes, and a re-run skips (file, system) pairs
-that are already complete. Work is split into chunks of a few files of one system; with
-`num_workers > 1` the chunks of built-in enhancers run in single-threaded worker
-processes. External (subprocess) enhancers run in the main process with big batches.
+that are already complete. Work is split into chunks of a few files of one system, run
+by serec.parallel: the chunks of built-in enhancers in `num_workers` single-threaded
+worker processes (at least one, so that a native crash costs a file, not the run);
+external (subprocess) enhancers in the main process with big batches.
 """
 
 from __future__ import annotations
@@ -14,14 +15,12 @@ import math
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from serec.audio import (
     SAMPLE_RATE,
@@ -36,9 +35,15 @@ from serec.audio import (
 from serec.enhancers import EnhancementError, Enhancer, create_enhancer, load_models_config
 from serec.fileio import RowLog, csv_text, write_text_atomic
 from serec.labels import NOISY_SYSTEM, LabelRule, label_columns, label_files
-from serec.parallel import use_single_thread
+from serec.lock import output_lock
+from serec.parallel import Backend, ChunkJob, LocalBackend, WorkUnit, chunk_units, run_units
 from serec.quality import QualityScorer
-from serec.runinfo import write_run_json
+from serec.runinfo import (
+    check_model_settings,
+    recorded_model_settings,
+    settings_record,
+    write_run_json,
+)
 
 METRIC_COLUMNS = [
     "dnsmos_sig",
@@ -95,34 +100,91 @@ class EnhancementSummary:
         return EXIT_SOME_ERRORS if self.errors else EXIT_OK
 
 
-@dataclass(frozen=True)
-class _Chunk:
-    system: str
-    file_ids: tuple[str, ...]
+class _EnhancementJob(ChunkJob[str]):
+    """Enhance (unless the unit's key is `noisy`), write and score a chunk of files of one system."""
 
+    recoverable = (EnhancementError, AudioError, RuntimeError, ValueError, OSError)
 
-# Per-process state, built lazily so worker processes create their own ONNX sessions
-# and enhancer instances once and reuse them for every chunk.
-_state: dict[str, Any] = {}
+    def __init__(self, config: EnhancementConfig, model_configs: dict[str, dict], external: set[str]) -> None:
+        self.config = config
+        self.model_configs = model_configs
+        self.external = frozenset(external)
 
+    def setup(self, threads: int | None) -> None:
+        # One scorer thread whatever the process: DNSMOS values then do not depend on
+        # where a file was scored, and N workers use N cores.
+        self._scorer = QualityScorer(num_threads=1)
+        self._enhancers: dict[str, Enhancer] = {}
 
-def _init_worker(config: EnhancementConfig, model_configs: dict[str, dict]) -> None:
-    use_single_thread()
-    _state.clear()
-    _state["config"] = config
-    _state["model_configs"] = model_configs
-    _state["enhancers"] = {}
-    _state["scorer"] = QualityScorer(num_threads=1)
+    def in_main(self, unit: WorkUnit[str]) -> bool:
+        # External enhancers run their own subprocess (and GPU): big batches, from here.
+        return unit.key in self.external
 
+    def failed(self, unit: WorkUnit[str], reason: str) -> list[dict[str, Any]]:
+        return [_error_row(fid, unit.key, reason) for fid in unit.items]
 
-def _enhancer(name: str) -> Enhancer:
-    enhancers: dict[str, Enhancer] = _state["enhancers"]
-    if name not in enhancers:
-        config: EnhancementConfig = _state["config"]
-        enhancers[name] = create_enhancer(
-            name, _state["model_configs"].get(name), device=config.device, seed=config.seed
-        )
-    return enhancers[name]
+    def _enhancer(self, name: str) -> Enhancer:
+        if name not in self._enhancers:
+            self._enhancers[name] = create_enhancer(
+                name, self.model_configs.get(name), device=self.config.device, seed=self.config.seed
+            )
+        return self._enhancers[name]
+
+    def process(self, unit: WorkUnit[str]) -> list[dict[str, Any]]:
+        config, system = self.config, unit.key
+        rows: dict[str, dict[str, Any]] = {}
+        inputs: list[tuple[str, np.ndarray, np.ndarray | None, str]] = []
+        for fid in unit.items:
+            try:
+                audio = load_audio(config.noisy_dir / fid)
+            except AudioError as exc:
+                reason = exc.reason if system == NOISY_SYSTEM else f"input: {exc.reason}"
+                rows[fid] = _error_row(fid, system, reason)
+                continue
+            reference, ref_note = _load_reference(config, fid)
+            inputs.append((fid, audio, reference, ref_note))
+
+        outputs: list[tuple[str, np.ndarray, np.ndarray | None, str, float]] = []
+        if system == NOISY_SYSTEM:
+            outputs = [(fid, audio, ref, note, 0.0) for fid, audio, ref, note in inputs]
+        elif inputs:
+            started = time.perf_counter()
+            results = self._enhancer(system).enhance_batch(
+                [audio for _, audio, _, _ in inputs], file_ids=[fid for fid, *_ in inputs]
+            )
+            elapsed = time.perf_counter() - started
+            total = sum(audio.size for _, audio, _, _ in inputs)
+            for (fid, audio, ref, note), result in zip(inputs, results, strict=True):
+                seconds = elapsed * audio.size / total  # batch time shared by duration
+                if isinstance(result, Exception):
+                    rows[fid] = _error_row(fid, system, str(result), audio.size / SAMPLE_RATE)
+                    continue
+                write_wav(config.output_dir / "enhanced" / system / fid, result)
+                # Score what the WAV holds, so scores match a later evaluation of the file.
+                outputs.append((fid, quantise_pcm16(result), ref, note, seconds))
+        rows.update(self._score(system, outputs))
+        return [rows[fid] for fid in unit.items]
+
+    def _score(
+        self, system: str, outputs: list[tuple[str, np.ndarray, np.ndarray | None, str, float]]
+    ) -> dict[str, dict[str, Any]]:
+        rows = {}
+        scored = self._scorer.score_batch([o[1] for o in outputs], [o[2] for o in outputs])
+        for (fid, audio, _, note, seconds), result in zip(outputs, scored, strict=True):
+            errors = [f"{m}: {e}" for m, e in result.errors.items() if m in METRIC_COLUMNS]
+            if note:
+                errors.insert(0, note)
+            row = {m: result.values.get(m, math.nan) for m in METRIC_COLUMNS}
+            row.update(
+                file=fid,
+                system=system,
+                status="ok",
+                error="; ".join(errors),
+                seconds=round(seconds, 4),
+                duration_s=round(audio.size / SAMPLE_RATE, 4),
+            )
+            rows[fid] = row
+        return rows
 
 
 def _error_row(fid: str, system: str, reason: str, duration_s: float = math.nan) -> dict[str, Any]:
@@ -143,60 +205,6 @@ def _load_reference(config: EnhancementConfig, fid: str) -> tuple[np.ndarray | N
         return load_audio(path, validate=False), ""
     except AudioError as exc:
         return None, f"clean reference: {exc.reason}"
-
-
-def process_chunk(chunk: _Chunk) -> list[dict[str, Any]]:
-    """Enhance (unless system is `noisy`), write and score the chunk's files; one row each."""
-    config: EnhancementConfig = _state["config"]
-    rows: dict[str, dict[str, Any]] = {}
-    inputs: list[tuple[str, np.ndarray, np.ndarray | None, str]] = []
-    for fid in chunk.file_ids:
-        try:
-            audio = load_audio(config.noisy_dir / fid)
-        except AudioError as exc:
-            reason = exc.reason if chunk.system == NOISY_SYSTEM else f"input: {exc.reason}"
-            rows[fid] = _error_row(fid, chunk.system, reason)
-            continue
-        reference, ref_note = _load_reference(config, fid)
-        inputs.append((fid, audio, reference, ref_note))
-
-    outputs: list[tuple[str, np.ndarray, np.ndarray | None, str, float]] = []
-    if chunk.system == NOISY_SYSTEM:
-        outputs = [(fid, audio, ref, note, 0.0) for fid, audio, ref, note in inputs]
-    elif inputs:
-        enhancer = _enhancer(chunk.system)
-        started = time.perf_counter()
-        results = enhancer.enhance_batch(
-            [audio for _, audio, _, _ in inputs], file_ids=[fid for fid, *_ in inputs]
-        )
-        elapsed = time.perf_counter() - started
-        total = sum(audio.size for _, audio, _, _ in inputs)
-        for (fid, audio, ref, note), result in zip(inputs, results, strict=True):
-            seconds = elapsed * audio.size / total  # batch time shared by duration
-            if isinstance(result, Exception):
-                rows[fid] = _error_row(fid, chunk.system, str(result), audio.size / SAMPLE_RATE)
-                continue
-            write_wav(config.output_dir / "enhanced" / chunk.system / fid, result)
-            # Score what the WAV holds, so scores match a later evaluation of the file.
-            outputs.append((fid, quantise_pcm16(result), ref, note, seconds))
-
-    scorer: QualityScorer = _state["scorer"]
-    scored = scorer.score_batch([o[1] for o in outputs], [o[2] for o in outputs])
-    for (fid, audio, _, note, seconds), result in zip(outputs, scored, strict=True):
-        errors = [f"{m}: {e}" for m, e in result.errors.items() if m in METRIC_COLUMNS]
-        if note:
-            errors.insert(0, note)
-        row = {m: result.values.get(m, math.nan) for m in METRIC_COLUMNS}
-        row.update(
-            file=fid,
-            system=chunk.system,
-            status="ok",
-            error="; ".join(errors),
-            seconds=round(seconds, 4),
-            duration_s=round(audio.size / SAMPLE_RATE, 4),
-        )
-        rows[fid] = row
-    return [rows[fid] for fid in chunk.file_ids]
 
 
 def _latest_rows(log: RowLog) -> dict[tuple[str, str], dict[str, str]]:
@@ -220,13 +228,6 @@ def _pair_complete(
         return audio_info(wav).frames == audio_info(config.noisy_dir / fid).frames
     except AudioError:
         return False
-
-
-def _chunks(pending: dict[str, list[str]], sizes: dict[str, int]) -> Iterator[_Chunk]:
-    for system, fids in pending.items():
-        size = max(1, sizes[system])
-        for start in range(0, len(fids), size):
-            yield _Chunk(system, tuple(fids[start : start + size]))
 
 
 def _prepare_output(config: EnhancementConfig) -> None:
@@ -258,8 +259,14 @@ def _check_models(config: EnhancementConfig, model_configs: dict[str, dict]) -> 
     return enhancers
 
 
-def run_enhancement(config: EnhancementConfig) -> EnhancementSummary:
-    """Run (or resume) the enhancement step; see the module docstring."""
+def run_enhancement(config: EnhancementConfig, backend: Backend | None = None) -> EnhancementSummary:
+    """Run (or resume) the enhancement step; see the module docstring.
+
+    Holds the output folder's lock for the whole run (OutputLocked if another run holds
+    it) and refuses, unless `overwrite`, a model whose settings differ from those its
+    outputs there were made with (SettingsChanged). `backend` runs the work units
+    (default: `num_workers` local worker processes).
+    """
     started = time.perf_counter()
     if NOISY_SYSTEM in config.models:
         raise ValueError(f"'{NOISY_SYSTEM}' is reserved for the untouched input; it is not a model")
@@ -274,7 +281,23 @@ def run_enhancement(config: EnhancementConfig) -> EnhancementSummary:
     if not paths:
         raise FileNotFoundError(f"{config.noisy_dir}: no .wav or .flac files")
     fids = [file_id(p, config.noisy_dir) for p in paths]
+    backend = backend or LocalBackend(config.num_workers, isolate=True)
+    with output_lock(config.output_dir, "enhancement"):
+        return _run_locked(config, model_configs, enhancers, fids, backend, started)
 
+
+def _run_locked(
+    config: EnhancementConfig,
+    model_configs: dict[str, dict],
+    enhancers: dict[str, Enhancer],
+    fids: list[str],
+    backend: Backend,
+    started: float,
+) -> EnhancementSummary:
+    settings = {name: settings_record(e.output_settings()) for name, e in enhancers.items()}
+    if not config.overwrite:
+        check_model_settings(config.output_dir, settings)
+    recorded = recorded_model_settings(config.output_dir)
     _prepare_output(config)
     scores_path = config.output_dir / SCORES_CSV
     log = RowLog(scores_path, SCORE_COLUMNS)
@@ -285,7 +308,9 @@ def run_enhancement(config: EnhancementConfig) -> EnhancementSummary:
         for system in systems
     }
     todo = sum(len(v) for v in pending.values())
-    if todo:
+    # Settings of models run into this folder before are kept: they describe its outputs.
+    model_settings = {**recorded, **settings}
+    if todo or model_settings != recorded:
         write_run_json(
             config.output_dir,
             {k: v for k, v in vars(config).items() if k != "rule"},
@@ -293,8 +318,10 @@ def run_enhancement(config: EnhancementConfig) -> EnhancementSummary:
             models=config.models,
             systems=systems,
             files=len(fids),
+            model_settings=model_settings,
         )
-        _run_pending(config, model_configs, enhancers, pending, log)
+    if todo:
+        _run_pending(config, model_configs, enhancers, pending, log, backend)
         latest = _latest_rows(log)
 
     wanted = {(f, s) for f in fids for s in systems}
@@ -325,62 +352,16 @@ def _run_pending(
     enhancers: dict[str, Enhancer],
     pending: dict[str, list[str]],
     log: RowLog,
+    backend: Backend,
 ) -> None:
-    sizes = {NOISY_SYSTEM: config.chunk_size}
-    sizes.update(
-        {
-            name: max(config.chunk_size, e.batch_size) if e.kind == "external" else config.chunk_size
-            for name, e in enhancers.items()
-        }
-    )
-    chunks = list(_chunks({s: f for s, f in pending.items() if f}, sizes))
-    pool_chunks = [c for c in chunks if c.system == NOISY_SYSTEM or enhancers[c.system].kind != "external"]
-    main_chunks = [c for c in chunks if c not in pool_chunks]
-    bars = {
-        system: tqdm(total=len(f), desc=f"{system:>16}", unit="file", position=i, leave=True)
-        for i, (system, f) in enumerate((s, f) for s, f in pending.items() if f)
-    }
-
-    def record(chunk: _Chunk, rows: list[dict[str, Any]]) -> None:
-        log.append(rows)
-        bars[chunk.system].update(len(rows))
-
-    try:
-        _init_worker(config, model_configs)
-        for chunk in main_chunks:
-            record(chunk, _safe_process(chunk))
-        if config.num_workers <= 1:
-            for chunk in pool_chunks:
-                record(chunk, _safe_process(chunk))
-        else:
-            with ProcessPoolExecutor(
-                config.num_workers, initializer=_init_worker, initargs=(config, model_configs)
-            ) as pool:
-                running: dict[Future, _Chunk] = {}
-                queue = iter(pool_chunks)
-                # Keep a bounded number of chunks in flight so rows land as they finish.
-                for chunk in queue:
-                    running[pool.submit(_safe_process, chunk)] = chunk
-                    if len(running) >= 2 * config.num_workers:
-                        break
-                while running:
-                    done, _ = wait(running, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        record(running.pop(future), future.result())
-                        nxt = next(queue, None)
-                        if nxt is not None:
-                            running[pool.submit(_safe_process, nxt)] = nxt
-    finally:
-        for bar in bars.values():
-            bar.close()
-
-
-def _safe_process(chunk: _Chunk) -> list[dict[str, Any]]:
-    """process_chunk, with a chunk-level failure recorded on each of its files."""
-    try:
-        return process_chunk(chunk)
-    except (EnhancementError, AudioError, RuntimeError, ValueError, OSError) as exc:
-        return [_error_row(fid, chunk.system, f"{type(exc).__name__}: {exc}") for fid in chunk.file_ids]
+    external = {name for name, e in enhancers.items() if e.kind == "external"}
+    units = []
+    for system, fids in pending.items():
+        # An external model loads once per batch: its units are at least a batch.
+        size = max(config.chunk_size, enhancers[system].batch_size) if system in external else config.chunk_size
+        units += chunk_units(system, fids, size)
+    job = _EnhancementJob(config, model_configs, external)
+    run_units(job, units, backend, lambda _unit, rows: log.append(rows), desc="enhance", per_key=True)
 
 
 def _write_if_changed(path: Path, columns: Sequence[str], rows: list[dict[str, Any]]) -> None:

@@ -25,6 +25,7 @@ from serec.report import DEFAULT_LISTENING_ROWS, write_report
 from serec.routing import KEEP_NOISY, Route, copy_routed_files, enhance_routed_files
 from serec.runinfo import write_run_json
 from serec.strategies import (
+    DNSMOS_TIMING_JSON,
     compare_strategies,
     format_strategies,
     inference_seconds_per_file,
@@ -134,7 +135,7 @@ def _compare(args: argparse.Namespace) -> None:
     comparison = compare_strategies(
         choices, scores, fallback_model=fallback,
         inference_seconds_per_file=inference_seconds_per_file(args.enhanced_dir),
-        dnsmos_seconds_per_file=measure_dnsmos_seconds_per_file(timed),
+        dnsmos_seconds_per_file=measure_dnsmos_seconds_per_file(timed, cache=args.enhanced_dir / DNSMOS_TIMING_JSON),
     )
     path = write_strategies(args.enhanced_dir, comparison)
     print("\n" + format_strategies(comparison) + f"\n\nstrategies: {path}")

@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import os
+import platform
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from serec.audio import load_audio
-from serec.fileio import check_file_ids, write_csv_atomic
+from serec.fileio import check_file_ids, write_csv_atomic, write_json_atomic
 from serec.labels import LABEL_COLUMNS_FIXED, NOISY_SYSTEM
 from serec.routing import (
     KEEP_NOISY,
@@ -28,6 +29,8 @@ from serec.routing import (
 )
 
 STRATEGIES_CSV = "strategies.csv"
+# The measured DNSMOS seconds per file of run-all-and-pick, reused while its inputs are unchanged.
+DNSMOS_TIMING_JSON = "dnsmos_timing.json"
 METRICS = ("dnsmos_ovr", "dnsmos_sig", "dnsmos_bak", "dnsmos_p808", "pesq_wb", "stoi", "estoi", "si_sdr")
 SELECTION_METRIC = "dnsmos_ovr"
 PRINTED_METRICS = ("dnsmos_ovr", "pesq_wb", "stoi")
@@ -309,18 +312,41 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def measure_dnsmos_seconds_per_file(paths: Sequence[str | os.PathLike[str]], max_files: int = 16) -> float:
+def measure_dnsmos_seconds_per_file(
+    paths: Sequence[str | os.PathLike[str]], max_files: int = 16, cache: Path | None = None
+) -> float:
     """Mean seconds DNSMOS takes to score one of these files, one thread, one file per call
     (as a run-all deployment scores each output); timed on up to `max_files` of them.
 
-    Model outputs have their input's length, so the inputs' timing is the outputs'.
+    Model outputs have their input's length, so the inputs' timing is the outputs'. With
+    `cache` (a JSON file), a timing measured before for the same timed files (path, size,
+    modification time), machine and onnxruntime version is reused instead of re-measured.
     """
-    from dnsmos import DNSMOS
+    import onnxruntime
 
-    scorer = DNSMOS(num_threads=1)
     sample = list(paths)[:max_files]
     if not sample:
         return math.nan
+    key = {
+        "files": [[str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in sample],
+        "host": platform.node(),
+        "cores": os.cpu_count(),
+        "onnxruntime": onnxruntime.__version__,
+    }
+    if cache is not None and cache.is_file():
+        saved = json.loads(cache.read_text(encoding="utf-8"))
+        if saved.get("key") == key:
+            return float(saved["seconds_per_file"])
+    seconds = _time_dnsmos(sample)
+    if cache is not None:
+        write_json_atomic(cache, {"key": key, "seconds_per_file": seconds})
+    return seconds
+
+
+def _time_dnsmos(sample: Sequence[str | os.PathLike[str]]) -> float:
+    from dnsmos import DNSMOS
+
+    scorer = DNSMOS(num_threads=1)
     audios = [load_audio(p, validate=False) for p in sample]
     scorer.score(audios[0], 16000)  # builds the ONNX sessions outside the timing
     started = time.perf_counter()
@@ -379,6 +405,7 @@ __all__ = [
     "compare_strategies",
     "format_strategies",
     "inference_seconds_per_file",
+    "DNSMOS_TIMING_JSON",
     "measure_dnsmos_seconds_per_file",
     "read_enhancement_scores",
     "load_choices",

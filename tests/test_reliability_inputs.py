@@ -159,3 +159,20 @@ def test_dnsmos_cli_applies_the_validation_rule_of_every_step(tmp_path: Path) ->
     done, scored = dnsmos("--score_anyway")
     assert done.returncode == 1 and scored == ["good.wav", "short.wav", "silent.wav"]
     assert "broken symbolic link" in done.stderr
+
+
+def test_dnsmos_timing_is_measured_once_per_set_of_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from serec import strategies
+
+    files = [write_speech(tmp_path / f"f{i}.wav", seed=i) for i in range(2)]
+    cache = tmp_path / "out" / strategies.DNSMOS_TIMING_JSON
+    first = strategies.measure_dnsmos_seconds_per_file(files, cache=cache)
+    assert first > 0 and cache.is_file()
+
+    timed: list[int] = []
+    monkeypatch.setattr(strategies, "_time_dnsmos", lambda sample: timed.append(len(sample)) or 0.5)
+    assert strategies.measure_dnsmos_seconds_per_file(files, cache=cache) == first  # a re-run: not re-timed
+    assert timed == []
+    write_speech(files[1], seconds=2.0, seed=9)  # what was timed changed: measured again
+    assert strategies.measure_dnsmos_seconds_per_file(files, cache=cache) == 0.5 and timed == [2]
+    assert strategies.measure_dnsmos_seconds_per_file(files[:1], cache=cache) == 0.5 and timed == [2, 1]

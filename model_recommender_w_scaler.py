@@ -23,10 +23,16 @@ from pathlib import Path
 
 import torch
 
-from serec.evaluation import evaluate_pipeline, format_table, write_stage_report
-from serec.models import AST_SIZES, PRETRAINED_CHOICES, PretrainedUnavailable
+from serec.exitcodes import ExitStatus
+from serec.recommender.ast_model import AST_SIZES, PRETRAINED_CHOICES
+from serec.recommender.config import FEATURE_TYPE_KINDS, RecommenderConfig
+from serec.recommender.crossval import evaluate_pipeline
+from serec.recommender.crossval_report import format_table, write_stage_report
+from serec.recommender.errors import RecommenderError
+from serec.recommender.kinds import available_kinds
+from serec.recommender.stages import STAGES
+from serec.recommender.training import SKIPPED_CSV, train_stage
 from serec.runinfo import write_run_json
-from serec.training import FEATURE_TYPES, STAGES, RecommenderConfig, RecommenderError, train_stage
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,11 +58,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         help="features folder of preprocess_features.py (hybrid, cekl, tabular baseline)",
     )
-    p.add_argument(
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument(
+        "--model_kind",
+        choices=available_kinds(),
+        default="ast",
+        help="ast: AST on the filterbank (+ features with --use_hybrid_features); "
+        "logistic_regression: on the features only",
+    )
+    kind.add_argument(
         "--feature_type",
-        choices=FEATURE_TYPES,
-        default="mel_spec",
-        help="mel_spec: AST on fbank; cekl: logistic regression on the features",
+        choices=sorted(FEATURE_TYPE_KINDS),
+        help="the thesis' name for the kind: mel_spec = ast, cekl = logistic_regression",
     )
     p.add_argument(
         "--pretrained_models", choices=PRETRAINED_CHOICES, default="ast_finetuned_audioset"
@@ -115,15 +128,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.feature_type:
+        args.model_kind = FEATURE_TYPE_KINDS[args.feature_type]
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.num_threads or max(1, (os.cpu_count() or 2) // 2))
+    stage = args.training_stage
     try:
         cfg = RecommenderConfig(
             **{f.name: getattr(args, f.name) for f in fields(RecommenderConfig)}
         )
-        cfg.output_dir.mkdir(parents=True, exist_ok=True)
-        stage = args.training_stage
-        (cfg.output_dir / stage).mkdir(exist_ok=True)
+        (cfg.output_dir / stage).mkdir(parents=True, exist_ok=True)
         write_run_json(cfg.output_dir / stage, args)
         if stage == "evaluate_pipeline":
             report = evaluate_pipeline(cfg)
@@ -137,17 +151,21 @@ def main(argv: list[str] | None = None) -> int:
             print(format_table(stage_report["summary"], f"{stage}: held-out folds (mean ± std)"))
             print(f"checkpoints: {', '.join(str(f.checkpoint) for f in result.folds)}")
             print(f"reports in {result.stage_dir}")
-    except (RecommenderError, PretrainedUnavailable) as exc:
+    except RecommenderError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return ExitStatus.USAGE
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished folds' checkpoints are kept; run the same command to "
+              "resume", file=sys.stderr)
+        return ExitStatus.INTERRUPTED
     if skipped:
         print(
             f"{len(skipped)} files skipped (unusable audio or features), listed in "
-            f"{cfg.output_dir / stage / 'skipped_files.csv'}",
+            f"{cfg.output_dir / stage / SKIPPED_CSV}",
             file=sys.stderr,
         )
-        return 1
-    return 0
+        return ExitStatus.PARTIAL
+    return ExitStatus.OK
 
 
 if __name__ == "__main__":

@@ -90,8 +90,9 @@ def _check_folders(args: argparse.Namespace) -> None:
 def _route_and_enhance(args: argparse.Namespace) -> int:
     """Recommend, copy, enhance; returns the number of files recorded as errors."""
     # Imported here: torch and transformers take seconds to load, and --eval_only needs neither.
-    from serec.recommender import CheckpointMismatch, Recommender, recommend_folder
-    from serec.training import resolve_device
+    from serec.recommender.errors import CheckpointError
+    from serec.recommender.inference import Recommender, recommend_folder
+    from serec.recommender.kinds import resolve_device
 
     _check_folders(args)
     device = str(resolve_device(args.device))
@@ -100,7 +101,7 @@ def _route_and_enhance(args: argparse.Namespace) -> int:
         threshold=args.gatekeeper_threshold, device=device,
     )
     if args.use_hybrid_features and not recommender.feature_names:
-        raise CheckpointMismatch("--use_hybrid_features, but no checkpoint uses features (not hybrid models)")
+        raise CheckpointError("--use_hybrid_features, but no checkpoint uses features (not hybrid models)")
     fallback = args.fallback_model or recommender.default_fallback
     model_configs = load_models_config(args.models_config) if args.models_config else {}
     recs = recommend_folder(recommender, args.noisy_speech_dir, args.enhanced_dir, fallback,
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         write_run_json(args.enhanced_dir, args, mode="eval_only" if args.eval_only else "full")
         print(f"report: {report}")
     except (EnhancerUnavailable, ModelsConfigError, FileNotFoundError, ValueError) as exc:
-        # CheckpointMismatch and RecommenderError are ValueErrors.
+        # RecommenderError and CheckpointError are ValueErrors.
         print(f"recommendation_driver: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

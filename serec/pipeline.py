@@ -258,8 +258,9 @@ STRATEGY_TABLE_COLUMNS = {
 
 def results_tables(output_dir: Path) -> str:
     """The macro F1 table (step 4) and the adaptive-vs-oracle strategies (step 5), from their files."""
-    # Imported here: serec.evaluation loads torch (seconds), which the corpus builder does not need.
-    from serec.evaluation import format_table
+    # Imported here: the recommender package loads torch (seconds), which the corpus builder
+    # does not need.
+    from serec.recommender.crossval_report import format_table
 
     metrics = json.loads((output_dir / "recommender" / "evaluate_pipeline" / "metrics.json").read_text())
     n_folds = len(metrics["folds_evaluated"])

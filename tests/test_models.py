@@ -1,4 +1,5 @@
-"""AST / hybrid / logistic recommender models: inputs, head shapes, scaler, checkpoints."""
+"""Recommender kinds (AST / hybrid / logistic): inputs, head shapes, scaler, checkpoints (current
+and format 1), and checkpoints that must be refused before anything large is built."""
 
 from __future__ import annotations
 
@@ -11,31 +12,40 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification
 
-from serec.models import (
+from serec.recommender.ast_model import (
     AST_CONFIG_KEYS,
-    ASTRecommender,
-    FbankSpec,
+    ASTClassifier,
+    ASTNetwork,
     PretrainedUnavailable,
     ast_config_for,
-    build_model,
-    compute_fbank,
-    fbank_batch,
-    fit_logistic_recommender,
     hybrid_hidden_size,
     load_ast_backbone,
+)
+from serec.recommender.checkpoint import (
+    FORMAT_V1,
+    TrainingRecord,
     load_checkpoint,
-    predict_proba,
+    read_checkpoint,
     save_checkpoint,
 )
+from serec.recommender.errors import CheckpointError
+from serec.recommender.fbank import FbankSpec, compute_fbank, fbank_batch
+from serec.recommender.kinds import ModelInputs
+from serec.recommender.logistic import LogisticClassifier
 from serec.synth import speech_like
 
 FEATURES = [f"f{i}" for i in range(9)]
 
 
-def tiny_model(n_classes: int = 3, n_features: int = 9, seconds: float = 1.0) -> ASTRecommender:
+def tiny_model(n_classes: int = 3, n_features: int = 9, seconds: float = 1.0) -> ASTNetwork:
     torch.manual_seed(0)
     backbone = load_ast_backbone("none", "tiny", max_audio_seconds=seconds)
-    return ASTRecommender(backbone, n_classes, n_features).eval()
+    return ASTNetwork(backbone, n_classes, n_features).eval()
+
+
+def fit_logistic(features: np.ndarray, targets: np.ndarray, classes: list[str]) -> LogisticClassifier:
+    names = [f"f{i}" for i in range(features.shape[1])]
+    return LogisticClassifier(classes, names).fit_features(features, targets, seed=0)
 
 
 def test_fbank_is_the_ast_extractor_output_and_needs_only_the_cropped_audio(rng):
@@ -94,13 +104,8 @@ def test_hybrid_head_shapes_and_feature_scaling():
 def test_logistic_recommender_matches_scikit_learn(rng, n_present):
     features = rng.normal(size=(60, 5)) * [1, 10, 100, 0.1, 3] + [0, 5, -50, 1, 0]
     targets = rng.integers(0, n_present, size=60)
-    model = fit_logistic_recommender(features, targets, n_classes=4, seed=0)
-    meta = {
-        "model_kind": "logistic_regression",
-        "class_names": list("abcd"),
-        "feature_names": list("vwxyz"),
-    }
-    proba = predict_proba(model, meta, features=features)
+    model = fit_logistic(features, targets, list("abcd"))
+    proba = model.predict_proba(ModelInputs(features=features))
     scaler = StandardScaler().fit(features)
     reference = LogisticRegression(max_iter=2000, random_state=0).fit(
         scaler.transform(features), targets
@@ -111,59 +116,108 @@ def test_logistic_recommender_matches_scikit_learn(rng, n_present):
 
 
 def test_checkpoint_reloads_with_weights_only_and_predicts_the_same(tmp_path, rng):
-    model = tiny_model(n_classes=3, n_features=9)
-    model.set_scaler(rng.normal(size=9), rng.uniform(0.5, 2, size=9))
-    path = save_checkpoint(
-        tmp_path / "ckpt.pth",
-        model,
-        stage="expert",
-        fold=2,
-        class_names=["A", "B", "All_Failed"],
-        feature_names=FEATURES,
-        training={"learning_rate": 1e-3, "audio_dir": tmp_path},
-        inner_val_files=["x.wav"],
-    )
+    network = tiny_model(n_classes=3, n_features=9)
+    network.set_scaler(rng.normal(size=9), rng.uniform(0.5, 2, size=9))
+    model = ASTClassifier(network, ["A", "B", "All_Failed"], FEATURES)
+    record = TrainingRecord(stage="expert", fold=2, training={"learning_rate": 1e-3,
+                            "audio_dir": str(tmp_path)}, inner_val_files=["x.wav"])  # fmt: skip
+    path = tmp_path / "ckpt.pth"
+    saved = save_checkpoint(path, model, record)
     payload = torch.load(path, weights_only=True)
     assert set(payload) == {"format", "state_dict", "metadata"}
     meta = payload["metadata"]
-    assert meta["training"]["audio_dir"] == str(tmp_path)
-    assert meta["ast_config"]["hidden_size"] == 64 and meta["fbank"]["num_mel_bins"] == 64
-    torch.testing.assert_close(meta["scaler_mean"], model.feature_mean)
+    assert meta["kind"] == "ast" and meta["record"]["training"]["audio_dir"] == str(tmp_path)
+    assert meta["model_config"]["ast_config"]["hidden_size"] == 64
+    assert meta["fbank"]["num_mel_bins"] == 64
+    torch.testing.assert_close(payload["state_dict"]["feature_mean"], network.feature_mean)
 
     audios = [speech_like(rng, 1.2) for _ in range(3)]
     features = rng.normal(size=(3, 9)).astype(np.float32)
-    spec = FbankSpec(**meta["fbank"])
-    before = predict_proba(model, meta, fbank_batch(audios, spec), features)
+    inputs = ModelInputs(fbank_batch(audios, saved.fbank), features)
+    before = model.predict_proba(inputs)
     loaded, loaded_meta = load_checkpoint(path)
-    after = predict_proba(loaded, loaded_meta, fbank_batch(audios, spec), features)
-    np.testing.assert_allclose(after, before, atol=1e-6)
-    from_audio = predict_proba(loaded, loaded_meta, audios, features)
-    np.testing.assert_allclose(from_audio, before, atol=1e-6)
-    assert np.allclose(after.sum(axis=1), 1.0)
+    assert loaded_meta == saved and isinstance(loaded, ASTClassifier)
+    np.testing.assert_allclose(loaded.predict_proba(inputs), before, atol=1e-6)
+    assert np.allclose(before.sum(axis=1), 1.0)
+    with pytest.raises(ValueError, match="9 features"):
+        loaded.predict_proba(ModelInputs(inputs.fbank, None))
 
-    logistic = fit_logistic_recommender(rng.normal(size=(30, 9)), np.arange(30) % 3, 3)
-    lpath = save_checkpoint(
-        tmp_path / "lr.pth",
-        logistic,
-        stage="single",
-        fold=1,
-        class_names=list("abc"),
-        feature_names=FEATURES,
-        training={},
-    )
+    logistic = fit_logistic(rng.normal(size=(30, 9)), np.arange(30) % 3, list("abc"))
+    lpath = tmp_path / "lr.pth"
+    save_checkpoint(lpath, logistic, TrainingRecord(stage="single", fold=1))
     relog, relog_meta = load_checkpoint(lpath)
+    assert relog_meta.kind == "logistic_regression" and relog_meta.fbank is None
     np.testing.assert_allclose(
-        predict_proba(relog, relog_meta, features=features),
-        predict_proba(logistic, relog_meta, features=features),
+        relog.predict_proba(ModelInputs(features=features)),
+        logistic.predict_proba(ModelInputs(features=features)),
         atol=1e-6,
     )
-    with pytest.raises(ValueError, match="feature names"):
-        save_checkpoint(tmp_path / "bad.pth", model, class_names=["A"], feature_names=["one"])
 
 
-def test_build_model_refuses_unknown_kind():
-    with pytest.raises(ValueError, match="model kind"):
-        build_model({"model_kind": "svm", "class_names": ["a"], "feature_names": []})
+def _as_format_1(path, out):
+    """Rewrite a checkpoint the way format 1 stored it: flat metadata with model_kind,
+    ast_config / fbank / head_dropout, and the scaler beside the state dict."""
+    payload = torch.load(path, weights_only=True)
+    meta, state = payload["metadata"], payload["state_dict"]
+    flat = {"model_kind": meta["kind"], "class_names": meta["class_names"],
+            "feature_names": meta["feature_names"], **meta["record"], **meta["model_config"],
+            "scaler_mean": state.pop("feature_mean"), "scaler_scale": state.pop("feature_scale")}
+    if meta["fbank"] is not None:
+        flat["fbank"] = meta["fbank"]
+    torch.save({"format": FORMAT_V1, "state_dict": state, "metadata": flat}, out)
+    return out
+
+
+def test_format_1_checkpoints_still_load_and_predict_the_same(tmp_path, rng):
+    network = tiny_model(n_classes=2, n_features=9)
+    network.set_scaler(rng.normal(size=9), rng.uniform(0.5, 2, size=9))
+    ast = ASTClassifier(network, ["A", "not_A"], FEATURES)
+    logistic = fit_logistic(rng.normal(size=(30, 9)), np.arange(30) % 3, list("abc"))
+    features = rng.normal(size=(3, 9)).astype(np.float32)
+    for name, model in (("ast", ast), ("lr", logistic)):
+        saved = save_checkpoint(tmp_path / f"{name}.pth", model, TrainingRecord("gatekeeper", 1))
+        old = _as_format_1(tmp_path / f"{name}.pth", tmp_path / f"{name}_v1.pth")
+        loaded, meta = load_checkpoint(old)
+        assert meta == saved
+        fbank = None if meta.fbank is None else fbank_batch([speech_like(rng, 1.0)] * 3, meta.fbank)
+        inputs = ModelInputs(fbank, features)
+        np.testing.assert_allclose(loaded.predict_proba(inputs), model.predict_proba(inputs),
+                                   atol=1e-6)  # fmt: skip
+
+
+def test_broken_foreign_or_enormous_checkpoints_are_refused_with_how_to_retrain(tmp_path, rng):
+    network = tiny_model(n_classes=2, n_features=0)
+    path = tmp_path / "ok.pth"
+    save_checkpoint(path, ASTClassifier(network, ["A", "not_A"], []), TrainingRecord("gatekeeper", 1))
+    payload = torch.load(path, weights_only=True)
+
+    def variant(name, change):
+        copy = {**payload, "metadata": {**payload["metadata"]}}
+        change(copy)
+        torch.save(copy, tmp_path / name)
+        return tmp_path / name
+
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    cases = {
+        tmp_path / "garbage.pth": "not a loadable checkpoint",
+        tmp_path / "missing.pth": "not found",
+        variant("foreign.pth", lambda p: p.update(format="other/9")): "not a serec",
+        variant("kind.pth", lambda p: p["metadata"].update(kind="svm")): "kind 'svm'",
+        variant("nometa.pth", lambda p: p["metadata"].pop("record")): "malformed metadata",
+        variant("shapes.pth", lambda p: p["metadata"].update(class_names=list("abc"))):
+            "do not fit",
+    }
+    huge = {**payload["metadata"]["model_config"]["ast_config"], "hidden_size": 1 << 20,
+            "num_hidden_layers": 10_000, "num_attention_heads": 1}  # petabytes if built
+    cases[variant("huge.pth", lambda p: p["metadata"].update(
+        model_config={**p["metadata"]["model_config"], "ast_config": huge}))] = "refused before"
+    for broken, reason in cases.items():
+        with pytest.raises(CheckpointError, match=reason) as info:
+            load_checkpoint(broken)
+        assert str(broken) in str(info.value)
+        if reason != "not found":
+            assert "retrain it with model_recommender_w_scaler.py" in str(info.value)
+    assert read_checkpoint(path)[0].kind == "ast"
 
 
 def test_pretrained_ast_loads_from_a_local_copy(tmp_path):

@@ -1,4 +1,4 @@
-"""The recommender at inference (tiny AST and logistic checkpoints built through serec.models)
+"""The recommender at inference (tiny AST and logistic checkpoints built through the kinds)
 and recommendation_driver.py end to end in a subprocess."""
 
 from __future__ import annotations
@@ -17,17 +17,16 @@ from transformers import ASTModel
 
 from serec.audio import load_audio, to_pcm16, write_wav
 from serec.enhancers import create_enhancer
-from serec.evaluation import route_two_stage
 from serec.features import feature_names, feature_path, file_features, run_feature_extraction
 from serec.fileio import write_csv_atomic, write_json_atomic
-from serec.models import (
-    ASTRecommender,
-    ast_config_for,
-    fit_logistic_recommender,
-    predict_proba,
-    save_checkpoint,
-)
-from serec.recommender import CheckpointMismatch, FeatureSource, Recommender, recommend_folder
+from serec.recommender.ast_model import ASTClassifier, ASTNetwork, ast_config_for
+from serec.recommender.checkpoint import TrainingRecord, save_checkpoint
+from serec.recommender.errors import CheckpointError
+from serec.recommender.fbank import fbank_batch
+from serec.recommender.inference import FeatureSource, Recommender, recommend_folder
+from serec.recommender.kinds import ModelInputs, RecommenderModel
+from serec.recommender.logistic import LogisticClassifier
+from serec.recommender.stages import route_two_stage
 from serec.synth import NOISE_KINDS, speech_like
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,11 +43,9 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _meta(stage: str, classes: list[str], gk: str, features: list[str], **extra: object) -> dict:
-    meta = {"stage": stage, "fold": 1, "class_names": classes, "gatekeeper_class": gk,
-            "feature_names": features, "training": {}, "folds_sha256": "folds", "labels_sha256": "labels"}
-    meta.update(extra)
-    return meta
+def _record(stage: str, gk: str, **extra: object) -> TrainingRecord:
+    fields = {"fold": 1, "gatekeeper_class": gk, "folds_sha256": "folds", "labels_sha256": "labels"}
+    return TrainingRecord(stage, **{**fields, **extra})
 
 
 def _ast_checkpoint(path: Path, stage: str, classes: list[str], gk: str = "rnnoise",
@@ -57,10 +54,16 @@ def _ast_checkpoint(path: Path, stage: str, classes: list[str], gk: str = "rnnoi
 
     torch.manual_seed(seed)
     features = features or []
-    model = ASTRecommender(ASTModel(ast_config_for("tiny", 1.0)), len(classes), len(features))
+    network = ASTNetwork(ASTModel(ast_config_for("tiny", 1.0)), len(classes), len(features))
     if features:
-        model.set_scaler(np.zeros(len(features)), np.full(len(features), 10.0))
-    return save_checkpoint(path, model, **_meta(stage, classes, gk, features, **extra))
+        network.set_scaler(np.zeros(len(features)), np.full(len(features), 10.0))
+    save_checkpoint(path, ASTClassifier(network, classes, features), _record(stage, gk, **extra))
+    return path
+
+
+def _proba(model: RecommenderModel, audios: list[np.ndarray], features: np.ndarray) -> np.ndarray:
+    fbank = fbank_batch(audios, model.inputs.fbank)
+    return model.predict_proba(ModelInputs(fbank, features if model.inputs.feature_names else None))
 
 
 @pytest.fixture
@@ -83,8 +86,8 @@ def test_two_stage_probabilities_and_routing(tmp_path: Path, three_files: Path) 
     features = np.stack([file_features(p) for p in sorted(three_files.iterdir())])
     batch = recommender.predict(audios, features)
     gate, expert = recommender.gatekeeper, recommender.expert
-    p_gk = predict_proba(gate.model, gate.metadata, audios)[:, 0]
-    p_ex = predict_proba(expert.model, expert.metadata, audios, features)
+    p_gk = _proba(gate.model, audios, features)[:, 0]
+    p_ex = _proba(expert.model, audios, features)
     np.testing.assert_allclose(batch.proba[:, 0], p_gk, atol=1e-6)
     np.testing.assert_allclose(batch.proba[:, 1:], (1 - p_gk)[:, None] * p_ex, atol=1e-6)
     np.testing.assert_allclose(batch.proba.sum(axis=1), 1.0, atol=1e-5)
@@ -138,16 +141,16 @@ def test_mismatched_checkpoints_are_refused(tmp_path: Path, three_files: Path) -
     gk_feat = _ast_checkpoint(tmp_path / "gkf.pth", "gatekeeper", ["rnnoise", "not_rnnoise"], features=CEKL)
     for what, expert in cases.items():
         gate = gk_feat if what == "feature names" else gk
-        with pytest.raises(CheckpointMismatch, match=what):
+        with pytest.raises(CheckpointError, match=what):
             Recommender.from_checkpoints(gate, expert)
-    with pytest.raises(CheckpointMismatch, match="holds a 'expert' model"):
+    with pytest.raises(CheckpointError, match="holds a 'expert' model"):
         Recommender.from_checkpoints(ex, gk)
     with pytest.raises(ValueError, match="both"):
         Recommender.from_checkpoints(gk, None)
 
     feat_dir = tmp_path / "feat"
     write_json_atomic(feat_dir / "features.json", {"names": CEKL[:3], "feature_set": "x", "params": {}})
-    with pytest.raises(CheckpointMismatch, match="trained on"):
+    with pytest.raises(CheckpointError, match="trained on"):
         FeatureSource.for_recommender(Recommender.from_checkpoints(gk, ex), feat_dir)
 
 
@@ -173,13 +176,15 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     fids = sorted(labels)
     x = np.stack([file_features(root / "noisy" / f) for f in fids])
     y = np.array([labels[f] for f in fids])
-    gk = fit_logistic_recommender(x, (y != "speex").astype(int), 2)
-    save_checkpoint(root / "gk.pth", gk, **_meta("gatekeeper", ["speex", "not_speex"], "speex", CEKL))
+    gk = LogisticClassifier(["speex", "not_speex"], CEKL).fit_features(x, (y != "speex").astype(int))
+    save_checkpoint(root / "gk.pth", gk, _record("gatekeeper", "speex"))
     expert_classes = ["All_Failed", "none"]
     keep = y != "speex"
-    ex = fit_logistic_recommender(x[keep], np.array([expert_classes.index(v) for v in y[keep]]), 2)
-    save_checkpoint(root / "ex.pth", ex, **_meta("expert", expert_classes, "speex", CEKL))
-    save_checkpoint(root / "ex_fold2.pth", ex, **_meta("expert", expert_classes, "speex", CEKL, fold=2))
+    ex = LogisticClassifier(expert_classes, CEKL).fit_features(
+        x[keep], np.array([expert_classes.index(v) for v in y[keep]]))
+    save_checkpoint(root / "ex.pth", ex, _record("expert", "speex"))
+    save_checkpoint(root / "ex_fold2.pth", ex, _record("expert", "speex", fold=2))
+    (root / "broken.pth").write_bytes(b"PK\x03\x04 not a whole checkpoint")
 
     # The enhancement step's output for these files: models speex and spectral_gating.
     enh = root / "enh"
@@ -273,5 +278,9 @@ def test_cli_refuses_a_mismatched_pair_before_any_work(run_dir: Path) -> None:
     assert result.returncode == 2
     assert "not a gatekeeper/expert pair" in result.stderr and "different fold" in result.stderr
     assert not list(out.glob("rec_*"))
+    broken = _driver("--noisy_speech_dir", run_dir / "noisy", "--enhanced_dir", out,
+                     "--single_model_path", run_dir / "broken.pth")
+    assert broken.returncode == 2 and "Traceback" not in broken.stderr
+    assert "not a loadable checkpoint" in broken.stderr and "retrain it" in broken.stderr
     usage = _driver("--enhanced_dir", out)
     assert usage.returncode == 2 and "--noisy_speech_dir is required" in usage.stderr

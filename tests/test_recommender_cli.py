@@ -17,9 +17,10 @@ import torch
 
 from serec.audio import write_wav
 from serec.features import load_feature_matrix, run_feature_extraction
-from serec.models import FbankSpec, load_checkpoint, predict_proba
+from serec.recommender.checkpoint import load_checkpoint
+from serec.recommender.inputs import FbankCache
+from serec.recommender.kinds import ModelInputs
 from serec.synth import NOISE_KINDS, speech_like
-from serec.training import FbankCache
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = ROOT / "model_recommender_w_scaler.py"
@@ -120,19 +121,18 @@ def test_stages_share_folds_and_checkpoints_reload_and_predict_the_same(trained)
             rows = predictions[predictions.fold == fold]
             assert set(rows.file) <= set(folds.index[folds == fold])
             files = list(rows.file)
-            inputs = None
-            if meta["model_kind"] == "ast":
-                cache = FbankCache(out / "cache", FbankSpec(**meta["fbank"]), trained["noisy"])
-                inputs, errors = cache.load(files)
+            fbank = None
+            if meta.fbank is not None:
+                fbank, errors = FbankCache(out / "cache", meta.fbank, trained["noisy"]).load(files)
                 assert not errors
             vectors = np.stack([feature_of[f] for f in files])
-            proba = predict_proba(model, meta, inputs, vectors)
-            expected = rows[[f"p_{c}" for c in meta["class_names"]]].to_numpy()
+            proba = model.predict_proba(ModelInputs(fbank, vectors))
+            expected = rows[[f"p_{c}" for c in meta.class_names]].to_numpy()
             np.testing.assert_allclose(proba, expected, atol=1e-5)
             # The hybrid scaler was fitted on the files trained on: not the held-out fold,
             # not the inner validation files, and for the expert only its labels' files.
             if stage != "single":
-                inner = set(meta["inner_val_files"])
+                inner = set(meta.record.inner_val_files)
                 fit = [
                     f
                     for f in folds.index
@@ -141,17 +141,18 @@ def test_stages_share_folds_and_checkpoints_reload_and_predict_the_same(trained)
                     and (stage == "gatekeeper" or label_of[f] != "SGMSE")
                 ]
                 fit_mean = np.stack([feature_of[f] for f in fit]).mean(axis=0)
-                np.testing.assert_allclose(meta["scaler_mean"].numpy(), fit_mean, rtol=1e-4)
+                mean = model.network.feature_mean.numpy()
+                np.testing.assert_allclose(mean, fit_mean, rtol=1e-4)
     gk = load_checkpoint(out / "gatekeeper_model_fold_2_best.pth")[1]
     ex = load_checkpoint(out / "expert_model_fold_2_best_hybrid.pth")[1]
-    assert gk["folds_sha256"] == ex["folds_sha256"]
-    assert gk["inner_val_files"] == ex["inner_val_files"]
-    assert gk["class_names"] == ["SGMSE", "not_SGMSE"]
-    assert ex["class_names"] == ["All_Failed", "StoRM"]
-    assert gk["training"]["use_weighted_sampler"] is True
+    assert gk.record.folds_sha256 == ex.record.folds_sha256
+    assert gk.record.inner_val_files == ex.record.inner_val_files
+    assert gk.class_names == ["SGMSE", "not_SGMSE"]
+    assert ex.class_names == ["All_Failed", "StoRM"]
+    assert gk.record.training["use_weighted_sampler"] is True
     curve = pd.read_csv(out / "gatekeeper" / "curves" / "fold1.csv")
     assert list(curve.epoch) == [1, 2] and (out / "gatekeeper" / "curves" / "fold1.png").is_file()
-    best = load_checkpoint(out / "gatekeeper_model_fold_1_best.pth")[1]["best_epoch"]
+    best = load_checkpoint(out / "gatekeeper_model_fold_1_best.pth")[1].record.best_epoch
     assert curve.val_macro_f1[best - 1] == curve.val_macro_f1.max()
     report = json.loads((out / "expert" / "metrics.json").read_text())
     assert set(report["summary"]["expert"]) >= {"macro_f1_mean", "macro_f1_std"}
@@ -206,6 +207,12 @@ def test_evaluate_pipeline_cli_writes_its_report(trained):
 def test_clear_errors(trained, capsys):
     code = run_stage(trained, "evaluate_pipeline", "--expert_model_path", "missing_{fold}.pth")
     assert code == 2 and "no expert checkpoint" in capsys.readouterr().err
+    for fold in (1, 2, 3):
+        (trained["root"] / f"broken_{fold}.pth").write_bytes(b"\x00 truncated")
+    broken = str(trained["root"] / "broken_{fold}.pth")
+    code = run_stage(trained, "evaluate_pipeline", "--gatekeeper_model_path", broken)
+    err = capsys.readouterr().err
+    assert code == 2 and "not a loadable checkpoint" in err and "retrain it" in err
     code = run_stage(trained, "gatekeeper", "--seed", "1")
     assert code == 2 and "seed: 42 there, 1 now" in capsys.readouterr().err
     code = run_stage(

@@ -61,7 +61,8 @@ def test_recommender_refuses_label_ids_outside_audio_dir(tmp_path: Path) -> None
 
 def test_training_metadata_and_split_links_refuse_escaping_ids(tmp_path: Path) -> None:
     from serec.pipeline import PipelineError, split_folders
-    from serec.training import RecommenderError, file_groups
+    from serec.recommender.errors import RecommenderError
+    from serec.recommender.folds import file_groups
 
     metadata = tmp_path / "mixtures" / "metadata.csv"
     metadata.parent.mkdir()

@@ -12,23 +12,25 @@ import pandas as pd
 import pytest
 import torch
 
-from serec import training
 from serec.audio import write_wav
 from serec.features import feature_path
-from serec.models import FbankSpec, compute_fbank, load_checkpoint, predict_proba
-from serec.synth import speech_like
-from serec.training import (
-    FbankCache,
-    RecommenderConfig,
-    RecommenderError,
+from serec.recommender import inputs, neural
+from serec.recommender.checkpoint import load_checkpoint
+from serec.recommender.config import RecommenderConfig
+from serec.recommender.errors import RecommenderError
+from serec.recommender.fbank import FbankSpec, compute_fbank
+from serec.recommender.folds import (
     file_groups,
     inner_validation_mask,
     load_or_make_folds,
     make_folds,
     read_labels,
-    stage_task,
-    train_stage,
 )
+from serec.recommender.inputs import FbankCache
+from serec.recommender.kinds import ModelInputs
+from serec.recommender.stages import stage_task
+from serec.recommender.training import train_stage
+from serec.synth import speech_like
 
 LABELS = ["SGMSE"] * 5 + ["StoRM"] * 3 + ["All_Failed"] * 2  # per speaker, shuffled
 
@@ -156,10 +158,10 @@ def test_weighted_sampler_balances_classes():
     targets = np.array([0] * 90 + [1] * 10)
     generator = torch.Generator().manual_seed(0)
     drawn = np.concatenate(
-        [targets[training._batch_order(targets, True, generator).numpy()] for _ in range(20)]
+        [targets[neural._batch_order(targets, True, generator).numpy()] for _ in range(20)]
     )
     assert 0.45 < drawn.mean() < 0.55
-    plain = training._batch_order(targets, False, generator).numpy()
+    plain = neural._batch_order(targets, False, generator).numpy()
     assert sorted(plain) == list(range(100))
 
 
@@ -171,7 +173,7 @@ def test_fbank_cache_computes_once_and_records_bad_files(tmp_path, rng, monkeypa
     spec = FbankSpec(num_mel_bins=64, max_length=80)
     calls = []
     monkeypatch.setattr(
-        training, "compute_fbank", lambda a, s: calls.append(1) or compute_fbank(a, s)
+        inputs, "compute_fbank", lambda a, s: calls.append(1) or compute_fbank(a, s)
     )
     cache = FbankCache(tmp_path / "cache", spec, audio_dir)
     files = ["a.wav", "sub/b.wav", "silent.wav", "missing.wav"]
@@ -211,7 +213,7 @@ def test_scaler_and_model_see_only_the_training_part(tmp_path, rng):
         labels_csv=labels_csv,
         output_dir=tmp_path / "rec",
         cekl_features_base_dir=tmp_path / "feat",
-        feature_type="cekl",
+        model_kind="logistic_regression",
         n_folds=5,
     )
     result = train_stage(cfg, "single")
@@ -219,23 +221,25 @@ def test_scaler_and_model_see_only_the_training_part(tmp_path, rng):
     by_file = dict(zip(table.file, matrix, strict=True))
     for fold_result in result.folds:
         model, meta = load_checkpoint(fold_result.checkpoint)
-        assert meta["stage"] == "single" and meta["fold"] == fold_result.fold
+        assert (meta.stage, meta.fold, meta.kind) == ("single", fold_result.fold,
+                                                      "logistic_regression")  # fmt: skip
         held_out = set(folds.index[folds == fold_result.fold])
-        inner_val = set(meta["inner_val_files"])
+        inner_val = set(meta.record.inner_val_files)
         fit = [f for f in folds.index if f not in held_out and f not in inner_val]
-        assert not inner_val & held_out and meta["n_train_files"] == len(fit)
+        assert not inner_val & held_out and meta.record.n_train_files == len(fit)
         fit_matrix = np.stack([by_file[f] for f in fit])
-        np.testing.assert_allclose(meta["scaler_mean"].numpy(), fit_matrix.mean(axis=0), rtol=1e-5)
-        np.testing.assert_allclose(meta["scaler_scale"].numpy(), fit_matrix.std(axis=0), rtol=1e-4)
+        scaler = model.network
+        np.testing.assert_allclose(scaler.feature_mean.numpy(), fit_matrix.mean(axis=0), rtol=1e-5)
+        np.testing.assert_allclose(scaler.feature_scale.numpy(), fit_matrix.std(axis=0), rtol=1e-4)
         assert set(fold_result.files) == held_out
         test_matrix = np.stack([by_file[f] for f in fold_result.files])
         np.testing.assert_allclose(
-            predict_proba(model, meta, features=test_matrix), fold_result.proba, atol=1e-6
+            model.predict_proba(ModelInputs(features=test_matrix)), fold_result.proba, atol=1e-6
         )
     # The fold holding speaker 0 must have a scaler that never saw its +1000 offset.
     spk0_fold = int(folds[table.file[0]])
-    meta = load_checkpoint(result.folds[spk0_fold - 1].checkpoint)[1]
-    assert meta["scaler_mean"][0] < 100
+    model = load_checkpoint(result.folds[spk0_fold - 1].checkpoint)[0]
+    assert model.network.feature_mean[0] < 100
 
 
 def test_config_refuses_templates_without_fold(tmp_path):
@@ -245,3 +249,17 @@ def test_config_refuses_templates_without_fold(tmp_path):
         )
     with pytest.raises(RecommenderError, match="numbered 1..5"):
         RecommenderConfig(labels_csv=tmp_path / "l.csv", output_dir=tmp_path, folds=[0, 2])
+
+
+@pytest.mark.parametrize("n_speakers", [3, 5])
+def test_a_set_too_small_for_the_inner_split_is_a_clear_error(tmp_path, rng, n_speakers):
+    # One file per speaker, three labels: no label has two files for the 2-fold split.
+    table = pd.DataFrame({"file": [f"so762_spk{s:04d}_0000.wav" for s in range(n_speakers)],
+                          "label": [("A", "B", "C")[s % 3] for s in range(n_speakers)]})
+    labels_csv = write_labels(tmp_path / "labels.csv", table)
+    write_features(tmp_path / "feat", table, rng)
+    cfg = RecommenderConfig(labels_csv=labels_csv, output_dir=tmp_path / "rec", n_folds=2,
+                            cekl_features_base_dir=tmp_path / "feat",
+                            model_kind="logistic_regression")  # fmt: skip
+    with pytest.raises(RecommenderError, match="too few files to split"):
+        train_stage(cfg, "single")

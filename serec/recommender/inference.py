@@ -16,11 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch import nn
 from tqdm import tqdm
 
 from serec.audio import AudioError, file_id, list_audio_files, load_audio
-from serec.evaluation import DEFAULT_THRESHOLD, route_two_stage
 from serec.features import (
     DEFAULT_MAX_SECONDS,
     FEATURE_SETS,
@@ -31,9 +29,17 @@ from serec.features import (
 )
 from serec.fileio import RowLog, csv_text, write_csv_atomic, write_json_atomic, write_text_atomic
 from serec.labels import ALL_FAILED
-from serec.models import FbankSpec, fbank_batch, load_checkpoint, predict_proba
+from serec.recommender.checkpoint import CheckpointMetadata, load_checkpoint
+from serec.recommender.errors import CheckpointError
+from serec.recommender.fbank import FbankSpec, fbank_batch
+from serec.recommender.kinds import ModelInputs, RecommenderModel
+from serec.recommender.stages import (
+    DEFAULT_THRESHOLD,
+    pair_problems,
+    route_two_stage,
+    two_stage_proba,
+)
 from serec.routing import KEEP_NOISY, RECOMMENDATIONS_CSV, RECOMMENDER_JSON, routed_model_for
-from serec.training import gatekeeper_rest_name
 
 ERRORS_CSV = "errors.csv"
 ERROR_COLUMNS = ("file", "reason")
@@ -42,33 +48,29 @@ SINGLE_COLUMN = "single_recommendation"
 log = logging.getLogger(__name__)
 
 
-class CheckpointMismatch(ValueError):
-    """Checkpoints that cannot be used together (or a checkpoint of the wrong stage)."""
-
-
 @dataclass(frozen=True)
 class StageModel:
-    """One loaded checkpoint: the model in eval mode and its metadata."""
+    """One loaded checkpoint: the model ready to predict and its metadata."""
 
     path: Path
-    model: nn.Module
-    metadata: Mapping[str, Any]
+    model: RecommenderModel
+    metadata: CheckpointMetadata
 
     @property
     def stage(self) -> str:
-        return str(self.metadata.get("stage"))
+        return self.metadata.stage
 
     @property
     def class_names(self) -> list[str]:
-        return [str(c) for c in self.metadata["class_names"]]
+        return list(self.metadata.class_names)
 
     @property
     def feature_names(self) -> list[str]:
-        return [str(n) for n in self.metadata.get("feature_names") or []]
+        return list(self.metadata.feature_names)
 
     @property
     def fbank_spec(self) -> FbankSpec | None:
-        return FbankSpec(**self.metadata["fbank"]) if self.metadata.get("model_kind") == "ast" else None
+        return self.metadata.fbank
 
     @property
     def sha256(self) -> str:
@@ -76,43 +78,33 @@ class StageModel:
 
 
 def load_stage_model(path: str | os.PathLike[str], stage: str, device: str = "cpu") -> StageModel:
-    """Load a checkpoint and check that it holds the expected stage."""
+    """Load a checkpoint and check that it holds the expected stage (CheckpointError)."""
     model, metadata = load_checkpoint(path, device)
     loaded = StageModel(Path(path), model, metadata)
     if loaded.stage != stage:
-        raise CheckpointMismatch(f"{path}: holds a {loaded.stage!r} model, but was given as the {stage}")
+        raise CheckpointError(f"{path}: holds a {loaded.stage!r} model, but was given as the {stage}")
     return loaded
 
 
-def _same(key: str, models: Sequence[StageModel]) -> str | None:
-    values = {m.path: m.metadata.get(key) for m in models}
+def _differs(key: str, models: Sequence[StageModel]) -> str | None:
+    values = {m.path: getattr(m.metadata.record, key) for m in models}
     if len({json.dumps(v, sort_keys=True, default=str) for v in values.values()}) > 1:
         return f"different {key}: " + ", ".join(f"{p} has {v!r}" for p, v in values.items())
     return None
 
 
 def check_two_stage_pair(gatekeeper: StageModel, expert: StageModel) -> None:
-    """Raise CheckpointMismatch unless the two checkpoints form one two-stage pipeline."""
-    problems = [p for p in (_same(k, [gatekeeper, expert]) for k in
-                            ("fold", "folds_sha256", "labels_sha256", "gatekeeper_class")) if p]
-    gk_class = str(gatekeeper.metadata.get("gatekeeper_class"))
-    if gatekeeper.class_names != [gk_class, gatekeeper_rest_name(gk_class)]:
-        problems.append(
-            f"the gatekeeper's classes {gatekeeper.class_names} are not "
-            f"[{gk_class!r}, {gatekeeper_rest_name(gk_class)!r}]"
-        )
-    expert_classes = expert.class_names
-    if gk_class in expert_classes or len(set(expert_classes)) != len(expert_classes) or not expert_classes:
-        problems.append(
-            f"the classes do not partition: gatekeeper class {gk_class!r}, expert classes "
-            f"{expert_classes}"
-        )
+    """Raise CheckpointError unless the two checkpoints form one two-stage pipeline."""
+    keys = ("fold", "folds_sha256", "labels_sha256", "gatekeeper_class")
+    problems = [p for p in (_differs(k, [gatekeeper, expert]) for k in keys) if p]
+    problems += pair_problems(gatekeeper.class_names, expert.class_names,
+                              gatekeeper.metadata.record.gatekeeper_class)  # fmt: skip
     if gatekeeper.feature_names and expert.feature_names and gatekeeper.feature_names != expert.feature_names:
         problems.append(
             f"different feature names: gatekeeper {gatekeeper.feature_names}, expert {expert.feature_names}"
         )
     if problems:
-        raise CheckpointMismatch(
+        raise CheckpointError(
             f"{gatekeeper.path} and {expert.path} are not a gatekeeper/expert pair: "
             + "; ".join(problems)
             + " (use the same fold's checkpoints from one training run)"
@@ -129,14 +121,12 @@ class BatchPrediction:
 class Recommender:
     """Gatekeeper + expert (two-stage) routing, or a single model's; optionally both.
 
-    Two-stage probabilities: P(gatekeeper class) comes from the gatekeeper, and every expert
-    class c gets P(not gatekeeper) * P_expert(c), so the row sums to 1. The recommendation
-    is the pipeline's decision, as in `serec.evaluation.route_two_stage`: the gatekeeper
-    class when its probability reaches the threshold, else the expert's top class.
+    Two-stage probabilities and the recommendation follow `serec.recommender.stages`: the
+    gatekeeper class when its probability reaches the threshold, else the expert's top class.
 
     Stage, classes and feature names come from the checkpoints' metadata; a pair trained on
     different folds or labels, whose classes do not partition, or whose feature names
-    differ is refused with a `CheckpointMismatch` that says which. With gatekeeper, expert
+    differ is refused with a `CheckpointError` that says which. With gatekeeper, expert
     and single all given, the two-stage pipeline routes and the single model's pick is
     reported beside it for comparison.
     """
@@ -158,9 +148,15 @@ class Recommender:
         self.gatekeeper, self.expert, self.single = gatekeeper, expert, single
         self.threshold = threshold
         self.device = device
+        for stage in self.models:
+            if stage.model.output != "proba":
+                raise CheckpointError(
+                    f"{stage.path}: a {stage.metadata.kind} model predicts scores, not the "
+                    "classes the gatekeeper / expert / single routing needs"
+                )
         if gatekeeper is not None and expert is not None:
             check_two_stage_pair(gatekeeper, expert)
-            self.class_names = [str(gatekeeper.metadata["gatekeeper_class"]), *expert.class_names]
+            self.class_names = [gatekeeper.metadata.record.gatekeeper_class, *expert.class_names]
             if single is not None:
                 self._check_single(single)
         else:
@@ -168,7 +164,7 @@ class Recommender:
             self.class_names = single.class_names
         names = {tuple(m.feature_names) for m in self.models if m.feature_names}
         if len(names) > 1:
-            raise CheckpointMismatch(
+            raise CheckpointError(
                 "the checkpoints use different feature names: "
                 + "; ".join(f"{m.path}: {m.feature_names}" for m in self.models if m.feature_names)
             )
@@ -176,9 +172,9 @@ class Recommender:
 
     def _check_single(self, single: StageModel) -> None:
         assert self.gatekeeper is not None
-        problem = _same("labels_sha256", [self.gatekeeper, single])
+        problem = _differs("labels_sha256", [self.gatekeeper, single])
         if problem or sorted(single.class_names) != sorted(self.class_names):
-            raise CheckpointMismatch(
+            raise CheckpointError(
                 f"{single.path}: the single model was trained on other labels than the "
                 f"two-stage pair ({problem or f'classes {single.class_names} vs {self.class_names}'})"
             )
@@ -204,7 +200,7 @@ class Recommender:
 
     @property
     def gatekeeper_class(self) -> str:
-        return str(self.models[0].metadata["gatekeeper_class"])
+        return self.models[0].metadata.record.gatekeeper_class
 
     @property
     def default_fallback(self) -> str:
@@ -219,7 +215,7 @@ class Recommender:
 
     @property
     def audio_seconds(self) -> float | None:
-        """How much of each file the AST inputs use (None: no AST, audio not needed)."""
+        """How much of each file the fbank inputs use (None: no fbank, audio not needed)."""
         specs = self.fbank_specs
         return max(s.audio_seconds for s in specs) if specs else None
 
@@ -230,10 +226,10 @@ class Recommender:
                 m.stage: {
                     "path": str(m.path),
                     "sha256": m.sha256,
-                    "fold": m.metadata.get("fold"),
+                    "fold": m.metadata.fold,
                     "class_names": m.class_names,
                     "feature_names": m.feature_names,
-                    "model_kind": m.metadata.get("model_kind"),
+                    "model_kind": m.metadata.kind,
                 }
                 for m in self.models
             },
@@ -246,13 +242,9 @@ class Recommender:
     def _proba(self, stage: StageModel, fbanks: Mapping[FbankSpec, np.ndarray],
                features: np.ndarray | None) -> np.ndarray:
         spec = stage.fbank_spec
-        return predict_proba(
-            stage.model,
-            stage.metadata,
-            fbanks[spec] if spec is not None else None,
-            features if stage.feature_names else None,
-            device=self.device,
-        )
+        inputs = ModelInputs(fbanks[spec] if spec is not None else None,
+                             features if stage.feature_names else None)
+        return stage.model.predict_proba(inputs)
 
     def predict(
         self, audios: Sequence[np.ndarray] | None, features: np.ndarray | None = None
@@ -260,7 +252,7 @@ class Recommender:
         """Probabilities and recommendations for a batch of 16 kHz mono signals (and raw
         feature vectors in `feature_names` order when a model uses features)."""
         if self.fbank_specs and audios is None:
-            raise ValueError("these checkpoints are ASTs: they need the audio")
+            raise ValueError("these checkpoints read spectrograms: they need the audio")
         if self.feature_names and features is None:
             raise ValueError(f"these checkpoints need features {self.feature_names}")
         fbanks = {spec: fbank_batch(list(audios or []), spec) for spec in self.fbank_specs}
@@ -274,9 +266,8 @@ class Recommender:
         gk_col = self.gatekeeper.class_names.index(self.gatekeeper_class)
         p_gk = self._proba(self.gatekeeper, fbanks, features)[:, gk_col]
         p_expert = self._proba(self.expert, fbanks, features)
-        proba = np.concatenate([p_gk[:, None], (1.0 - p_gk)[:, None] * p_expert], axis=1)
         recs = route_two_stage(p_gk, p_expert, self.gatekeeper_class, self.expert.class_names, self.threshold)
-        return BatchPrediction(proba.astype(np.float32), [str(r) for r in recs], single_recs)
+        return BatchPrediction(two_stage_proba(p_gk, p_expert), [str(r) for r in recs], single_recs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -307,7 +298,7 @@ class FeatureSource:
         if features_dir is not None:
             meta = read_features_meta(features_dir)
             if [str(n) for n in meta["names"]] != names:
-                raise CheckpointMismatch(
+                raise CheckpointError(
                     f"{Path(features_dir) / FEATURES_JSON} names {meta['names']}, but the "
                     f"checkpoints were trained on {names}"
                 )
@@ -316,7 +307,7 @@ class FeatureSource:
             max_seconds = _training_max_seconds(recommender, names)
         if not matches:
             if features_dir is None:
-                raise CheckpointMismatch(
+                raise CheckpointError(
                     f"the checkpoints use features {names}, which no known feature set "
                     "computes; pass --cekl_features_base_dir with those vectors"
                 )
@@ -345,7 +336,7 @@ def _training_max_seconds(recommender: Recommender, names: list[str]) -> float |
     """The crop length of the features the checkpoints were trained on, when their
     features folder (recorded in the checkpoint) is still there; else the default."""
     for stage in recommender.models:
-        feat_dir = (stage.metadata.get("training") or {}).get("cekl_features_base_dir")
+        feat_dir = stage.metadata.record.training.get("cekl_features_base_dir")
         if feat_dir and (Path(feat_dir) / FEATURES_JSON).is_file():
             meta = read_features_meta(feat_dir)
             if [str(n) for n in meta["names"]] == names:
@@ -526,7 +517,6 @@ __all__ = [
     "RECOMMENDATIONS_CSV",
     "RECOMMENDER_JSON",
     "BatchPrediction",
-    "CheckpointMismatch",
     "FeatureSource",
     "RecommendationSummary",
     "Recommender",

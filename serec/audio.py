@@ -34,6 +34,12 @@ FRAME_SECONDS = 0.02
 ACTIVITY_PERCENTILE = 95.0
 ACTIVITY_RANGE_DB = 30.0
 AUDIO_SUFFIXES = (".wav", ".flac")
+# libsndfile's container names a suffix stands for (WAVEX and RF64 are WAV variants).
+SUFFIX_FORMATS = {".wav": ("WAV", "WAVEX", "RF64"), ".flac": ("FLAC",)}
+LOSSY_FORMATS = ("MP3", "MPEG", "OGG")
+# Input with at least 0.1 % of its samples at full scale (-0.01 dBFS or louder) is clipped.
+CLIP_LEVEL = 0.999
+CLIPPED_FRACTION = 0.001
 # libsndfile reads int16 k as k / 32768, so writing uses the same scale: load_audio of a
 # written file gives back exactly the quantised signal, and k / PCM16_SCALE is the float
 # that write_wav turns back into exactly k (callers that build int16 signals use it).
@@ -111,7 +117,9 @@ def load_audio(
 
     Multi-channel input is downmixed by averaging; other rates are resampled with soxr.
     `crop_seconds` reads only the first part of the file. With `validate`, raises
-    AudioError for silent, too short or non-finite audio; unreadable files always raise.
+    AudioError for silent, too short or non-finite audio, and logs a warning naming the
+    file for input that is usable but suspect (`input_warnings`); unreadable files always
+    raise.
     """
     info = audio_info(path)
     if info.frames == 0:
@@ -128,6 +136,9 @@ def load_audio(
         data, file_sr = sf.read(str(path), frames=frames, dtype="float32", always_2d=True)
     except Exception as exc:
         raise AudioError(path, f"unreadable or not audio ({exc})") from exc
+    if validate:
+        for warning in input_warnings(data, info.format, path):
+            log.warning("%s: %s", path, warning)
     if data.shape[1] > 1:
         _log_once(f"downmix{data.shape[1]}", f"downmixing {data.shape[1]}-channel input to mono")
         audio = data.mean(axis=1)
@@ -141,6 +152,25 @@ def load_audio(
     if validate:
         validate_audio(audio, path, sr, min_seconds)
     return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def input_warnings(data: np.ndarray, container: str, path: str | os.PathLike[str]) -> list[str]:
+    """Why a readable input is suspect (used anyway): clipped, or not the format its suffix says.
+
+    Clipped: at least CLIPPED_FRACTION of the samples at or beyond full scale. Format:
+    libsndfile reads by content, so MP3 bytes in a file named .wav decode fine, but the
+    lossy coding is worth knowing about.
+    """
+    warnings = []
+    finite = np.abs(data[np.isfinite(data)])
+    if finite.size and np.count_nonzero(finite >= CLIP_LEVEL) >= CLIPPED_FRACTION * finite.size:
+        share = 100.0 * np.count_nonzero(finite >= CLIP_LEVEL) / finite.size
+        warnings.append(f"clipped input: {share:.2f} % of the samples are at full scale")
+    expected = SUFFIX_FORMATS.get(Path(path).suffix.lower())
+    if expected is not None and container not in expected:
+        lossy = "; lossy-coded, so the scores describe the codec too" if container in LOSSY_FORMATS else ""
+        warnings.append(f"{container} data in a {Path(path).suffix} file (decoded by its content{lossy})")
+    return warnings
 
 
 def to_pcm16(audio: np.ndarray) -> np.ndarray:

@@ -177,3 +177,26 @@ def test_dnsmos_timing_is_measured_once_per_set_of_files(tmp_path: Path, monkeyp
     write_speech(files[1], seconds=2.0, seed=9)  # what was timed changed: measured again
     assert strategies.measure_dnsmos_seconds_per_file(files, cache=cache) == 0.5 and timed == [2]
     assert strategies.measure_dnsmos_seconds_per_file(files[:1], cache=cache) == 0.5 and timed == [2, 1]
+
+
+def test_clipped_input_and_mp3_bytes_in_a_wav_are_used_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import os
+
+    import soundfile as sf
+
+    from serec.audio import load_audio
+
+    tone = 0.3 * np.sin(2 * np.pi * 200 * np.arange(32000) / 16000)
+    sf.write(tmp_path / "clipped.wav", np.clip(4 * tone, -1, 1), 16000, subtype="PCM_16")
+    sf.write(tmp_path / "coded.mp3", tone, 16000, format="MP3")
+    os.replace(tmp_path / "coded.mp3", tmp_path / "coded.wav")
+    sf.write(tmp_path / "fine.wav", tone, 16000)
+    with caplog.at_level("WARNING", logger="serec.audio"):
+        for name in ("clipped.wav", "coded.wav", "fine.wav"):
+            assert load_audio(tmp_path / name).size >= 31000
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert messages[0].startswith(f"{tmp_path / 'clipped.wav'}: clipped input: ")
+    assert messages[1].startswith(f"{tmp_path / 'coded.wav'}: MP3 data in a .wav file")

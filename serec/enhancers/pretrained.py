@@ -262,7 +262,9 @@ class ConvTasNet(PretrainedEnhancer):
                           "c0f289d57b8daa29671933bc5afa65c5d29c0ce89f5e27058592ce9cba92b1c2"),)
     # The graph's convolutions refuse inputs under 100 samples or so; shorter ones get zeros.
     min_samples: ClassVar[int] = 1024
-    segment: ClassVar[int] = 30 * 16_000  # memory grows with the length: segments past 30 s
+    # About 52 MB of memory per second of input, so long files go in 30 s segments; the
+    # graph normalises over its whole input, so a segmented file differs a little from one pass.
+    segment: ClassVar[int] = 30 * 16_000
     context: ClassVar[int] = 16_000  # samples of overlap each side of a segment, then discarded
 
     def process(self, audio: np.ndarray) -> np.ndarray:

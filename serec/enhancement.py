@@ -32,11 +32,12 @@ from serec.audio import (
     quantise_pcm16,
     write_wav,
 )
-from serec.enhancers import EnhancementError, Enhancer, create_enhancer, load_models_config
+from serec.enhancer_jobs import EnhancerJob, enhancer_units
+from serec.enhancers import Enhancer, create_enhancer, load_models_config
 from serec.fileio import RowLog, csv_text, write_text_atomic
 from serec.labels import NOISY_SYSTEM, LabelRule, label_columns, label_files
 from serec.lock import output_lock
-from serec.parallel import Backend, ChunkJob, LocalBackend, WorkUnit, chunk_units, run_units
+from serec.parallel import Backend, LocalBackend, WorkUnit, run_units
 from serec.quality import QualityScorer
 from serec.runinfo import (
     check_model_settings,
@@ -100,35 +101,22 @@ class EnhancementSummary:
         return EXIT_SOME_ERRORS if self.errors else EXIT_OK
 
 
-class _EnhancementJob(ChunkJob[str]):
+class _EnhancementJob(EnhancerJob[str]):
     """Enhance (unless the unit's key is `noisy`), write and score a chunk of files of one system."""
 
-    recoverable = (EnhancementError, AudioError, RuntimeError, ValueError, OSError)
-
-    def __init__(self, config: EnhancementConfig, model_configs: dict[str, dict], external: set[str]) -> None:
+    def __init__(self, config: EnhancementConfig, enhancers: dict[str, Enhancer],
+                 model_configs: dict[str, dict]) -> None:
+        super().__init__(enhancers, model_configs, config.device, config.seed)
         self.config = config
-        self.model_configs = model_configs
-        self.external = frozenset(external)
 
     def setup(self, threads: int | None) -> None:
+        super().setup(threads)
         # One scorer thread whatever the process: DNSMOS values then do not depend on
         # where a file was scored, and N workers use N cores.
         self._scorer = QualityScorer(num_threads=1)
-        self._enhancers: dict[str, Enhancer] = {}
-
-    def in_main(self, unit: WorkUnit[str]) -> bool:
-        # External enhancers run their own subprocess (and GPU): big batches, from here.
-        return unit.key in self.external
 
     def failed(self, unit: WorkUnit[str], reason: str) -> list[dict[str, Any]]:
         return [_error_row(fid, unit.key, reason) for fid in unit.items]
-
-    def _enhancer(self, name: str) -> Enhancer:
-        if name not in self._enhancers:
-            self._enhancers[name] = create_enhancer(
-                name, self.model_configs.get(name), device=self.config.device, seed=self.config.seed
-            )
-        return self._enhancers[name]
 
     def process(self, unit: WorkUnit[str]) -> list[dict[str, Any]]:
         config, system = self.config, unit.key
@@ -149,7 +137,7 @@ class _EnhancementJob(ChunkJob[str]):
             outputs = [(fid, audio, ref, note, 0.0) for fid, audio, ref, note in inputs]
         elif inputs:
             started = time.perf_counter()
-            results = self._enhancer(system).enhance_batch(
+            results = self.enhancer(system).enhance_batch(
                 [audio for _, audio, _, _ in inputs], file_ids=[fid for fid, *_ in inputs]
             )
             elapsed = time.perf_counter() - started
@@ -354,14 +342,14 @@ def _run_pending(
     log: RowLog,
     backend: Backend,
 ) -> None:
-    external = {name for name, e in enhancers.items() if e.kind == "external"}
-    units = []
-    for system, fids in pending.items():
-        # An external model loads once per batch: its units are at least a batch.
-        size = max(config.chunk_size, enhancers[system].batch_size) if system in external else config.chunk_size
-        units += chunk_units(system, fids, size)
-    job = _EnhancementJob(config, model_configs, external)
-    run_units(job, units, backend, lambda _unit, rows: log.append(rows), desc="enhance", per_key=True)
+    run_units(
+        _EnhancementJob(config, enhancers, model_configs),
+        enhancer_units(pending, enhancers, config.chunk_size),
+        backend,
+        lambda _unit, rows: log.append(rows),
+        desc="enhance",
+        per_key=True,
+    )
 
 
 def _write_if_changed(path: Path, columns: Sequence[str], rows: list[dict[str, Any]]) -> None:

@@ -9,8 +9,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +25,11 @@ from serec.audio import (
     load_audio,
     write_wav,
 )
-from serec.enhancers import EnhancementError, Enhancer, create_enhancer
+from serec.enhancer_jobs import EnhancerJob, enhancer_units
+from serec.enhancers import Enhancer, create_enhancer
 from serec.fileio import RowLog, atomic_path, csv_text, write_text_atomic
 from serec.labels import ALL_FAILED
-from serec.parallel import use_single_thread
+from serec.parallel import Backend, LocalBackend, WorkUnit, run_units
 
 # The recommendation step's output folder (OUT): these names are its layout.
 REC_PREFIX = "rec_"
@@ -155,12 +155,6 @@ def copy_routed_files(
 # Enhancement per rec folder
 
 
-@dataclass(frozen=True)
-class _Chunk:
-    routed_model: str
-    routes: tuple[Route, ...]
-
-
 @dataclass
 class EnhanceSummary:
     files: int
@@ -171,30 +165,41 @@ class EnhanceSummary:
     routing_csv: Path
 
 
-# Per-process state: each worker builds its enhancers once and reuses them for every chunk.
-_state: dict[str, Any] = {}
+class _RoutingJob(EnhancerJob[Route]):
+    """Enhance a chunk of routed files (noisy copies) with their routed model; one row each."""
 
+    def __init__(self, out_dir: Path, enhancers: Mapping[str, Enhancer],
+                 model_configs: Mapping[str, Mapping[str, Any]], device: str, seed: int) -> None:
+        super().__init__(enhancers, model_configs, device, seed)
+        self.out_dir = out_dir
 
-def _init_worker(
-    out_dir: Path,
-    model_configs: Mapping[str, Mapping[str, Any]],
-    device: str,
-    seed: int,
-    single_thread: bool,
-) -> None:
-    if single_thread:
-        use_single_thread()
-    _state.clear()
-    _state.update(out_dir=out_dir, model_configs=model_configs, device=device, seed=seed, enhancers={})
+    def failed(self, unit: WorkUnit[Route], reason: str) -> list[dict[str, Any]]:
+        return [_row(route, "error", reason) for route in unit.items]
 
-
-def _enhancer(name: str) -> Enhancer:
-    enhancers: dict[str, Enhancer] = _state["enhancers"]
-    if name not in enhancers:
-        enhancers[name] = create_enhancer(
-            name, _state["model_configs"].get(name), device=_state["device"], seed=_state["seed"]
-        )
-    return enhancers[name]
+    def process(self, unit: WorkUnit[Route]) -> list[dict[str, Any]]:
+        rows: dict[str, dict[str, Any]] = {}
+        inputs = []
+        for route in unit.items:
+            try:
+                inputs.append((route, load_audio(noisy_copy_path(self.out_dir, route))))
+            except AudioError as exc:
+                rows[route.file] = _row(route, "error", f"input: {exc.reason}")
+        if inputs:
+            started = time.perf_counter()
+            results = self.enhancer(unit.key).enhance_batch(
+                [audio for _, audio in inputs], SAMPLE_RATE, [route.file for route, _ in inputs]
+            )
+            elapsed = time.perf_counter() - started
+            total = sum(audio.size for _, audio in inputs)
+            for (route, audio), result in zip(inputs, results, strict=True):
+                duration = round(audio.size / SAMPLE_RATE, 4)
+                if isinstance(result, Exception):
+                    rows[route.file] = _row(route, "error", str(result), duration_s=duration)
+                    continue
+                write_wav(enhanced_path(self.out_dir, route), result)
+                # A batch's time is shared among its files by duration.
+                rows[route.file] = _row(route, "ok", "", round(elapsed * audio.size / total, 4), duration)
+        return [rows[route.file] for route in unit.items]
 
 
 def _row(route: Route, status: str, error: str = "", seconds: float = math.nan,
@@ -208,42 +213,6 @@ def _row(route: Route, status: str, error: str = "", seconds: float = math.nan,
         "seconds": seconds,
         "duration_s": duration_s,
     }
-
-
-def enhance_chunk(chunk: _Chunk) -> list[dict[str, Any]]:
-    """Enhance one chunk's noisy copies with its routed model; one routing.csv row per file."""
-    out_dir: Path = _state["out_dir"]
-    rows: dict[str, dict[str, Any]] = {}
-    inputs = []
-    for route in chunk.routes:
-        try:
-            inputs.append((route, load_audio(noisy_copy_path(out_dir, route))))
-        except AudioError as exc:
-            rows[route.file] = _row(route, "error", f"input: {exc.reason}")
-    if inputs:
-        started = time.perf_counter()
-        results = _enhancer(chunk.routed_model).enhance_batch(
-            [audio for _, audio in inputs], SAMPLE_RATE, [route.file for route, _ in inputs]
-        )
-        elapsed = time.perf_counter() - started
-        total = sum(audio.size for _, audio in inputs)
-        for (route, audio), result in zip(inputs, results, strict=True):
-            duration = round(audio.size / SAMPLE_RATE, 4)
-            if isinstance(result, Exception):
-                rows[route.file] = _row(route, "error", str(result), duration_s=duration)
-                continue
-            write_wav(enhanced_path(out_dir, route), result)
-            # A batch's time is shared among its files by duration.
-            rows[route.file] = _row(route, "ok", "", round(elapsed * audio.size / total, 4), duration)
-    return [rows[route.file] for route in chunk.routes]
-
-
-def _safe_enhance(chunk: _Chunk) -> list[dict[str, Any]]:
-    """enhance_chunk, with a chunk-level failure recorded on each of its files."""
-    try:
-        return enhance_chunk(chunk)
-    except (EnhancementError, AudioError, RuntimeError, ValueError, OSError) as exc:
-        return [_row(r, "error", f"{type(exc).__name__}: {exc}") for r in chunk.routes]
 
 
 def _complete(out_dir: Path, route: Route, row: Mapping[str, str] | None, retry_errors: bool) -> bool:
@@ -277,16 +246,6 @@ def check_enhancers(
     return enhancers
 
 
-def _chunks(pending: Sequence[Route], sizes: Mapping[str, int]) -> Iterator[_Chunk]:
-    by_model: dict[str, list[Route]] = {}
-    for route in pending:
-        by_model.setdefault(route.routed_model, []).append(route)
-    for model, routes in by_model.items():
-        size = max(1, sizes[model])
-        for start in range(0, len(routes), size):
-            yield _Chunk(model, tuple(routes[start : start + size]))
-
-
 def enhance_routed_files(
     out_dir: str | os.PathLike[str],
     routes: Sequence[Route],
@@ -297,13 +256,16 @@ def enhance_routed_files(
     num_workers: int = 1,
     chunk_size: int = 8,
     retry_errors: bool = False,
+    backend: Backend | None = None,
 ) -> EnhanceSummary:
     """Run each file's routed enhancer on its rec-folder copy (copies must exist).
 
     All_Failed files are enhanced too, by the route's fallback model. Resumable like the
     enhancement step: outputs are written atomically, one routing.csv row per file is
     appended as its chunk finishes, and a re-run skips files whose output and row are
-    complete (failed files are retried only with `retry_errors`).
+    complete (failed files are retried only with `retry_errors`). `backend` runs the
+    work units (default: `num_workers` local worker processes, at least one, so that a
+    native crash costs a file).
     """
     out_dir = Path(out_dir)
     model_configs = dict(model_configs or {})
@@ -312,7 +274,15 @@ def enhance_routed_files(
     latest = {r["file"]: r for r in log.read()}
     pending = [r for r in routes if not _complete(out_dir, r, latest.get(r.file), retry_errors)]
     if pending:
-        _run_pending(out_dir, pending, enhancers, model_configs, device, seed, num_workers, chunk_size, log)
+        by_model: dict[str, list[Route]] = {}
+        for route in pending:
+            by_model.setdefault(route.routed_model, []).append(route)
+        run_units(
+            _RoutingJob(out_dir, enhancers, model_configs, device, seed),
+            enhancer_units(by_model, enhancers, chunk_size),
+            backend or LocalBackend(num_workers, isolate=True),
+            lambda _unit, rows: log.append(rows), desc="enhance",
+        )
         latest = {r["file"]: r for r in log.read()}
 
     wanted = {r.file for r in routes}
@@ -333,61 +303,6 @@ def enhance_routed_files(
         seconds_by_model=seconds,
         routing_csv=log.path,
     )
-
-
-def _run_pending(
-    out_dir: Path,
-    pending: Sequence[Route],
-    enhancers: Mapping[str, Enhancer],
-    model_configs: Mapping[str, Mapping[str, Any]],
-    device: str,
-    seed: int,
-    num_workers: int,
-    chunk_size: int,
-    log: RowLog,
-) -> None:
-    sizes = {
-        name: max(chunk_size, e.batch_size) if e.kind == "external" else chunk_size
-        for name, e in enhancers.items()
-    }
-    chunks = list(_chunks(pending, sizes))
-    # External (subprocess) enhancers manage their own parallelism: run them here.
-    main_chunks = [c for c in chunks if enhancers[c.routed_model].kind == "external"]
-    pool_chunks = [c for c in chunks if c not in main_chunks]
-    bar = tqdm(total=len(pending), desc="enhance", unit="file")
-
-    def record(rows: list[dict[str, Any]]) -> None:
-        log.append(rows)
-        bar.update(len(rows))
-
-    try:
-        _init_worker(out_dir, model_configs, device, seed, single_thread=False)
-        for chunk in main_chunks:
-            record(_safe_enhance(chunk))
-        if num_workers <= 1:
-            for chunk in pool_chunks:
-                record(_safe_enhance(chunk))
-            return
-        with ProcessPoolExecutor(
-            num_workers, initializer=_init_worker, initargs=(out_dir, model_configs, device, seed, True)
-        ) as pool:
-            queue = iter(pool_chunks)
-            running: dict[Future, _Chunk] = {}
-            # A bounded number of chunks in flight, so rows land as they finish.
-            for chunk in queue:
-                running[pool.submit(_safe_enhance, chunk)] = chunk
-                if len(running) >= 2 * num_workers:
-                    break
-            while running:
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    running.pop(future)
-                    record(future.result())
-                    nxt = next(queue, None)
-                    if nxt is not None:
-                        running[pool.submit(_safe_enhance, nxt)] = nxt
-    finally:
-        bar.close()
 
 
 __all__ = [

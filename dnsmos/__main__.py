@@ -14,6 +14,8 @@ from pathlib import Path
 
 from dnsmos.files import score_paths, write_reference_csv
 from dnsmos.models import DnsmosModelError
+from serec.exitcodes import ExitStatus
+from serec.lock import OutputLocked, output_lock
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,21 +33,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_workers < 1:
         parser.error("--num_workers must be >= 1")
     try:
-        rows = score_paths(
-            args.paths,
-            personalized=args.personalized,
-            model_dir=args.dnsmos_model_dir,
-            num_workers=args.num_workers,
-            num_threads=args.num_threads,
-            validate=not args.score_anyway,
-        )
-    except DnsmosModelError as exc:
+        # One run per output CSV: a second one would only overwrite the first's.
+        with output_lock(args.csv.parent, "dnsmos", name=f".{args.csv.name}.lock"):
+            rows = score_paths(
+                args.paths,
+                personalized=args.personalized,
+                model_dir=args.dnsmos_model_dir,
+                num_workers=args.num_workers,
+                num_threads=args.num_threads,
+                validate=not args.score_anyway,
+            )
+            out = write_reference_csv(args.csv, rows)
+    except (DnsmosModelError, OutputLocked) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return ExitStatus.USAGE
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing was written; run the same command again", file=sys.stderr)
+        return ExitStatus.INTERRUPTED
     failed = [row for row in rows if "error" in row]
     for row in failed:
         print(f"skipped {row['filename']}: {row['error']}", file=sys.stderr)
-    out = write_reference_csv(args.csv, rows)
     note = f"; {len(failed)} file(s) could not be scored (listed above)" if failed else ""
     print(f"scored {len(rows) - len(failed)} file(s) -> {out}{note}")
     return 1 if failed else 0

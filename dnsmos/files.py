@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from functools import partial
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-
-from tqdm import tqdm
 
 from dnsmos.scorer import DNSMOS, REFERENCE_COLUMNS
 from serec.audio import list_audio_files
 from serec.fileio import write_csv_atomic
+from serec.parallel import Backend, ChunkJob, LocalBackend, WorkUnit, chunk_units, run_units
 
 FILES_PER_TASK = 8
 
@@ -32,22 +29,18 @@ def collect_paths(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], 
     return found, missing
 
 
-_worker_scorer: DNSMOS | None = None
+class _ScoringJob(ChunkJob[str]):
+    """Score a chunk of files; each process keeps its ONNX sessions for every chunk."""
 
+    def __init__(self, scorer: DNSMOS, validate: bool) -> None:
+        self.scorer = scorer
+        self.validate = validate
 
-def _init_worker(scorer: DNSMOS) -> None:
-    global _worker_scorer
-    _worker_scorer = scorer
+    def process(self, unit: WorkUnit[str]) -> list[dict[str, Any]]:
+        return self.scorer.score_files(unit.items, validate=self.validate)
 
-
-def _score_in_worker(paths: list[str], validate: bool) -> list[dict[str, Any]]:
-    assert _worker_scorer is not None, "worker used before _init_worker"
-    return _worker_scorer.score_files(paths, validate=validate)
-
-
-def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
-    for first in range(0, len(items), size):
-        yield items[first : first + size]
+    def failed(self, unit: WorkUnit[str], reason: str) -> list[dict[str, Any]]:
+        return [{"filename": path, "error": reason} for path in unit.items]
 
 
 def score_paths(
@@ -59,6 +52,7 @@ def score_paths(
     num_threads: int | None = None,
     progress: bool = True,
     validate: bool = True,
+    backend: Backend | None = None,
 ) -> list[dict[str, Any]]:
     """One row per file, in order: reference columns, or {'filename', 'error'} for a bad file.
 
@@ -66,7 +60,9 @@ def score_paths(
     every other step; False scores every readable file.
 
     With num_workers > 1 each worker process scores its share of the files with its own
-    ONNX sessions and, unless num_threads is given, cpu_count // num_workers threads.
+    ONNX sessions and, unless num_threads is given, cpu_count // num_workers threads; a
+    file that crashes its worker gets an error row. `backend` runs the work units
+    (default: `num_workers` local worker processes).
     """
     files, rows = collect_paths(paths)
     names = [str(f) for f in files]
@@ -75,19 +71,14 @@ def score_paths(
     scorer = DNSMOS(personalized=personalized, num_threads=num_threads, model_dir=model_dir)
     # Small tasks keep every worker busy; up to FILES_PER_TASK files share ONNX calls.
     per_task = max(1, min(FILES_PER_TASK, -(-len(names) // max(1, num_workers))))
-    chunks = list(_chunks(names, per_task))
-    bar = tqdm(total=len(names), desc="DNSMOS", unit="file", disable=not progress)
-    if num_workers > 1 and len(chunks) > 1:
-        with ProcessPoolExecutor(num_workers, initializer=_init_worker, initargs=(scorer,)) as pool:
-            for chunk_rows in pool.map(partial(_score_in_worker, validate=validate), chunks):
-                rows.extend(chunk_rows)
-                bar.update(len(chunk_rows))
-    else:
-        for chunk in chunks:
-            rows.extend(scorer.score_files(chunk, validate=validate))
-            bar.update(len(chunk))
-    bar.close()
-    return rows
+    scored: dict[str, dict[str, Any]] = {}
+
+    def record(unit: WorkUnit[str], unit_rows: list[dict[str, Any]]) -> None:
+        scored.update(zip(unit.items, unit_rows, strict=True))
+
+    run_units(_ScoringJob(scorer, validate), chunk_units("dnsmos", names, per_task),
+              backend or LocalBackend(num_workers), record, desc="DNSMOS", show=progress)
+    return rows + [scored[name] for name in names]
 
 
 def write_reference_csv(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> Path:

@@ -150,11 +150,16 @@ os.register_at_fork(after_in_child=_forget_in_child)
 
 
 @contextlib.contextmanager
-def output_lock(folder: str | os.PathLike[str], step: str = "serec") -> Iterator[Path]:
-    """Hold FOLDER/.serec.lock for the duration (the folder is created if needed)."""
+def output_lock(
+    folder: str | os.PathLike[str], step: str = "serec", name: str = LOCK_NAME
+) -> Iterator[Path]:
+    """Hold FOLDER/.serec.lock (or FOLDER/NAME) for the duration; the folder is created if needed.
+
+    Raises OutputLocked, naming the holder, when another run holds it.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LOCK_NAME
+    path = folder / name
     key = path.resolve()
     if key in _held:
         _held[key][1] += 1

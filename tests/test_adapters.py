@@ -517,7 +517,7 @@ def test_check_reports_missing_parts_before_any_work(
 
 
 def test_cuda_only_models_say_so_without_cuda(
-    tmp_path: Path, storm_repo: Path, cdiffuse_repo: Path, torch_dirs
+    tmp_path: Path, storm_repo: Path, cdiffuse_repo: Path, sgmse_repo: Path, torch_dirs
 ) -> None:
     ckpt = checkpoint(tmp_path)
     # This machine's real torch has no CUDA.
@@ -527,10 +527,13 @@ def test_cuda_only_models_say_so_without_cuda(
     weights = write(tmp_path / "weights.pt", "{}")
     cdiffuse = adapter(tmp_path, "CDiffuSE", common(cdiffuse_repo, torch_dirs["broken"])
                        + f'model_dir = "{weights}"\n')
-    # Its inference script imports torch: the environment probe names the failing import.
-    with pytest.raises(EnhancerUnavailable, match="src/cdiffuse/inference.py does not start(.|\n)*"
-                       "the import that fails: ImportError: libtorch_cuda.so"):
+    with pytest.raises(EnhancerUnavailable, match="cannot import torch(.|\n)*libtorch_cuda.so"):
         cdiffuse.check()
+    # On CPU the scripts themselves are probed: the failing import is named.
+    sgmse = adapter(tmp_path, "SGMSE", common(sgmse_repo, torch_dirs["broken"]) + f'ckpt = "{ckpt}"\n')
+    with pytest.raises(EnhancerUnavailable, match="enhancement.py does not start(.|\n)*"
+                       "the import that fails: ImportError: libtorch_cuda.so"):
+        sgmse.check()
 
 
 def test_broken_environment_is_reported_before_any_work_on_cpu(

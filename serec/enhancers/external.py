@@ -199,12 +199,12 @@ class ExternalEnhancer(Enhancer):
         problem = self.model_problem() or self.settings_problem()
         if problem:
             raise EnhancerUnavailable(self.name, problem)
-        for script in self.scripts:
-            reason = self._probed(script, python, repo, self._probe_script)
-            if reason:
-                raise EnhancerUnavailable(self.name, reason)
-        if self.uses_cuda():
-            reason = self._probed("cuda", python, repo, self._probe_cuda)
+        # CUDA first: without it a CUDA-only repository's scripts may not even import, and
+        # "CUDA is not available" is the message that helps then.
+        probes = [("cuda", self._probe_cuda)] if self.uses_cuda() else []
+        probes += [(script, self._probe_script) for script in self.scripts]
+        for what, probe in probes:
+            reason = self._probed(what, python, repo, probe)
             if reason:
                 raise EnhancerUnavailable(self.name, reason)
         self._checked = True

@@ -40,6 +40,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="discard earlier results of these models")
     parser.add_argument("--retry_errors", action="store_true", help="re-run pairs recorded with status=error")
     parser.add_argument("--chunk_size", type=int, default=8, help="files per work unit of a built-in model")
+    parser.add_argument("--dnsmos_level_db", type=float, default=None, metavar="DBFS",
+                        help="score DNSMOS on every system (and the noisy input) scaled to this "
+                        "active-speech level, e.g. -26, so quieter output is not rewarded; default: "
+                        "as it is (the reference DNSMOS behaviour)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -60,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         retry_errors=args.retry_errors,
         seed=args.seed,
         chunk_size=args.chunk_size,
+        dnsmos_level_db=args.dnsmos_level_db,
     )
     try:
         summary = run_enhancement(config)

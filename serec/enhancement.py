@@ -41,6 +41,7 @@ from serec.parallel import Backend, LocalBackend, WorkUnit, run_units
 from serec.quality import QualityScorer
 from serec.runinfo import (
     check_model_settings,
+    check_scoring_settings,
     recorded_model_settings,
     settings_record,
     write_run_json,
@@ -80,6 +81,12 @@ class EnhancementConfig:
     retry_errors: bool = False
     seed: int = 0
     chunk_size: int = 8
+    # DNSMOS on every system at this active-speech level (dBFS); None scores signals as they are.
+    dnsmos_level_db: float | None = None
+
+    @property
+    def scoring(self) -> dict[str, Any]:
+        return {"dnsmos_level_db": self.dnsmos_level_db}
 
 
 @dataclass
@@ -113,7 +120,7 @@ class _EnhancementJob(EnhancerJob[str]):
         super().setup(threads)
         # One scorer thread whatever the process: DNSMOS values then do not depend on
         # where a file was scored, and N workers use N cores.
-        self._scorer = QualityScorer(num_threads=1)
+        self._scorer = QualityScorer(num_threads=1, dnsmos_level_db=self.config.dnsmos_level_db)
 
     def failed(self, unit: WorkUnit[str], reason: str) -> list[dict[str, Any]]:
         return [_error_row(fid, unit.key, reason) for fid in unit.items]
@@ -283,6 +290,7 @@ def _run_locked(
     started: float,
 ) -> EnhancementSummary:
     settings = {name: settings_record(e.output_settings()) for name, e in enhancers.items()}
+    check_scoring_settings(config.output_dir, config.scoring)
     if not config.overwrite:
         check_model_settings(config.output_dir, settings)
     recorded = recorded_model_settings(config.output_dir)
@@ -303,6 +311,7 @@ def _run_locked(
             config.output_dir,
             {k: v for k, v in vars(config).items() if k != "rule"},
             label_rule=vars(config.rule),
+            scoring=config.scoring,
             models=config.models,
             systems=systems,
             files=len(fids),

@@ -126,3 +126,30 @@ def check_model_settings(
             f"{', '.join(changes)}; use --overwrite to redo "
             f"{'that model' if len(changes) == 1 else 'those models'}, or another output folder"
         )
+
+
+# Scoring settings shared by every row of a scores.csv (a folder from before they were
+# recorded was scored with these).
+REFERENCE_SCORING: dict[str, Any] = {"dnsmos_level_db": None}
+
+
+def check_scoring_settings(output_dir: str | os.PathLike[str], current: Mapping[str, Any]) -> None:
+    """Raise SettingsChanged when OUTPUT_DIR's scores were computed with other scoring settings.
+
+    Scores at two DNSMOS levels must never mix in one scores.csv, and --overwrite redoes
+    models, not the noisy input's row, so the only way out is another output folder.
+    """
+    path = Path(output_dir) / RUN_JSON
+    if not path.is_file():
+        return
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SettingsChanged(f"{path}: unreadable ({exc}); move it away") from exc
+    recorded = {**REFERENCE_SCORING, **(record.get("scoring") or {})}
+    changed = [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in current.items() if recorded.get(k) != v]
+    if changed:
+        raise SettingsChanged(
+            f"{output_dir}: its scores were computed with other scoring settings ({'; '.join(changed)}); "
+            "scores made two ways must not mix in one scores.csv: use another output folder"
+        )

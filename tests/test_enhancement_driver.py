@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -171,3 +172,24 @@ def test_unavailable_model_fails_before_any_work(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "SGMSE" in proc.stderr and "no_such_repo" in proc.stderr
     assert not (tmp_path / "out" / "scores.csv").exists()
+
+
+def test_dnsmos_level_is_recorded_applied_and_never_mixed(tmp_path: Path) -> None:
+    noisy, _ = make_pairs(tmp_path, 2)
+    out = tmp_path / "out"
+    run_driver("--noisy_dir", noisy, "--output_dir", out, "--models", "spectral_gating",
+               "--dnsmos_level_db", "-26", check=True)
+    assert json.loads((out / "run.json").read_text())["scoring"] == {"dnsmos_level_db": -26.0}
+    levelled = {(r["file"], r["system"]): float(r["dnsmos_ovr"]) for r in read_csv(out / "scores.csv")}
+    as_is_out = tmp_path / "as_is"
+    run_driver("--noisy_dir", noisy, "--output_dir", as_is_out, "--models", "spectral_gating", check=True)
+    as_is = {(r["file"], r["system"]): float(r["dnsmos_ovr"]) for r in read_csv(as_is_out / "scores.csv")}
+    assert levelled.keys() == as_is.keys()
+    assert max(abs(levelled[k] - as_is[k]) for k in as_is) > 0.01  # the level was applied
+    # A re-run at another level (or the reference behaviour) must not append to these scores.
+    again = run_driver("--noisy_dir", noisy, "--output_dir", out, "--models", "spectral_gating")
+    assert again.returncode == 2 and "dnsmos_level_db: -26.0 -> None" in again.stderr
+    run_driver("--noisy_dir", noisy, "--output_dir", out, "--models", "spectral_gating",
+               "--dnsmos_level_db", "-26", check=True)
+    resumed = {(r["file"], r["system"]): float(r["dnsmos_ovr"]) for r in read_csv(out / "scores.csv")}
+    assert resumed == levelled  # the same level resumes: nothing redone, nothing added

@@ -6,7 +6,7 @@ and OUTPUT/run.json. A re-run skips files that already have a valid vector.
 
 Exit status: 0 when every file has a vector, 1 when any file failed (see errors.csv),
 2 for bad arguments, a missing dnsmos package (cekl_plus) or an output folder made
-with other feature settings.
+with other feature settings or locked by another run; 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import logging
 import sys
 
+from serec.exitcodes import ExitStatus
 from serec.features import (
     DEFAULT_MAX_SECONDS,
     FEATURE_SETS,
@@ -63,8 +64,12 @@ def main(argv: list[str] | None = None) -> int:
             recursive=recursive,
         )
     except (FeatureConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        # RuntimeError includes OutputLocked: another run writes into this folder.
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return ExitStatus.USAGE
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished vectors are kept; run the same command to resume", file=sys.stderr)
+        return ExitStatus.INTERRUPTED
     write_run_json(args.output_base_dir, args, summary=vars(summary))
     print(
         f"{summary.feature_set} features in {summary.output_root}: "

@@ -16,17 +16,15 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cache, partial
+from functools import cache
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from threadpoolctl import threadpool_limits
-from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dnsmos.embedding import DnsmosEmbedder, embedding_names
@@ -41,6 +39,8 @@ from serec.audio import (
     resample,
 )
 from serec.fileio import RowLog, atomic_path, write_csv_atomic, write_json_atomic
+from serec.lock import output_lock
+from serec.parallel import Backend, ChunkJob, LocalBackend, WorkUnit, chunk_units, run_units
 
 N_FFT = 1024
 HOP_LENGTH = 512
@@ -464,33 +464,38 @@ class _Job:
     target: Path
 
 
-# The DNSMOS scorer of a pool worker, set once by its initializer: passing it with every
-# task would re-pickle it, and its ONNX sessions would be rebuilt for each chunk.
-_worker_dnsmos: QualityScorer | None = None
+class _FeatureJob(ChunkJob[_Job]):
+    """Compute and write the vectors of a chunk of files: (file id, None or the reason) each.
 
+    The DNSMOS scorer (cekl_plus) travels with the job, so each process builds its ONNX
+    sessions once, on first use, and keeps them for every chunk.
+    """
 
-def _init_worker(dnsmos: QualityScorer | None) -> None:
-    global _worker_dnsmos
-    _worker_dnsmos = dnsmos
-    # Parallelism comes from --num_workers. A multi-threaded BLAS on these small matrices
-    # (frames x frames, at most 626 x 626) was 2-20x slower on a busy 2-core machine.
-    threadpool_limits(1)
+    def __init__(self, feature_set: str, max_seconds: Seconds | None, dnsmos: QualityScorer | None) -> None:
+        self.feature_set = feature_set
+        self.max_seconds = max_seconds
+        self.dnsmos = dnsmos
 
+    def process(self, unit: WorkUnit[_Job]) -> list[tuple[str, str | None]]:
+        # Parallelism comes from --num_workers. A multi-threaded BLAS on these small matrices
+        # (frames x frames, at most 626 x 626) was 2-20x slower on a busy 2-core machine.
+        with threadpool_limits(1):
+            return [self._compute(job) for job in unit.items]
 
-def _compute_job(
-    job: _Job, feature_set: str, max_seconds: Seconds | None, dnsmos: QualityScorer | None = None
-) -> tuple[str, str | None]:
-    scorer = dnsmos if dnsmos is not None else _worker_dnsmos
-    try:
-        vector = file_features(job.source, feature_set, max_seconds, scorer)
-        with atomic_path(job.target) as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, vector, allow_pickle=False)
-    except AudioError as exc:
-        return job.fid, exc.reason
-    except Exception as exc:  # one bad file must not stop the run; the reason is recorded
-        return job.fid, f"{type(exc).__name__}: {exc}"
-    return job.fid, None
+    def failed(self, unit: WorkUnit[_Job], reason: str) -> list[tuple[str, str | None]]:
+        return [(job.fid, reason) for job in unit.items]
+
+    def _compute(self, job: _Job) -> tuple[str, str | None]:
+        try:
+            vector = file_features(job.source, self.feature_set, self.max_seconds, self.dnsmos)
+            with atomic_path(job.target) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, vector, allow_pickle=False)
+        except AudioError as exc:
+            return job.fid, exc.reason
+        except Exception as exc:  # one bad file must not stop the run; the reason is recorded
+            return job.fid, f"{type(exc).__name__}: {exc}"
+        return job.fid, None
 
 
 def _list_inputs(input_root: Path, recursive: bool) -> list[Path]:
@@ -554,7 +559,8 @@ def run_feature_extraction(
     num_workers: int = 1,
     overwrite: bool = False,
     recursive: bool = True,
-    progress: Callable[..., Any] = tqdm,
+    progress: bool = True,
+    backend: Backend | None = None,
 ) -> FeatureRunSummary:
     """Compute features for every .wav/.flac under `input_root` into `output_root`.
 
@@ -563,7 +569,9 @@ def run_feature_extraction(
     refuses an output folder made with another feature set or parameters (with
     `overwrite`, its old .npy files are deleted and everything is recomputed). Unusable
     files are recorded in FEAT/errors.csv (file, reason; rewritten each run, so it lists
-    the files that still fail) and the run goes on.
+    the files that still fail) and the run goes on. Holds FEAT's lock for the run
+    (OutputLocked if another run holds it); `backend` runs the work units (default:
+    `num_workers` local processes).
     """
     spec = get_feature_set(feature_set)
     if max_seconds is not None and max_seconds <= 0:
@@ -581,6 +589,26 @@ def run_feature_extraction(
             raise
         settings_changed = True
     workers = max(1, min(num_workers, len(sources)))
+    with output_lock(output_root, "features"):
+        return _extract_locked(
+            input_root, output_root, sources, spec, meta, max_seconds, workers, overwrite,
+            settings_changed, progress, backend or LocalBackend(workers),
+        )
+
+
+def _extract_locked(
+    input_root: Path,
+    output_root: Path,
+    sources: list[Path],
+    spec: FeatureSet,
+    meta: dict[str, Any],
+    max_seconds: Seconds | None,
+    workers: int,
+    overwrite: bool,
+    settings_changed: bool,
+    progress: bool,
+    backend: Backend,
+) -> FeatureRunSummary:
     # Built here so a missing package or model fails before the folder is touched; its
     # ONNX sessions are created on first use, in the process that scores.
     scorer = (
@@ -612,19 +640,22 @@ def run_feature_extraction(
             jobs.append(_Job(fid, source, target))
 
     started = time.perf_counter()
-    if workers <= 1 or len(jobs) <= 1:
-        compute = partial(
-            _compute_job, feature_set=spec.name, max_seconds=max_seconds, dnsmos=scorer
-        )
-        with threadpool_limits(1):
-            failed = _collect(map(compute, jobs), len(jobs), errors, progress)
-    else:
-        compute = partial(_compute_job, feature_set=spec.name, max_seconds=max_seconds)
-        chunksize = max(1, min(8, len(jobs) // (4 * workers)))
-        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(scorer,)) as pool:
-            failed = _collect(
-                pool.map(compute, jobs, chunksize=chunksize), len(jobs), errors, progress
-            )
+    failed = 0
+
+    def record(_unit: WorkUnit[_Job], results: list[tuple[str, str | None]]) -> None:
+        nonlocal failed
+        for fid, reason in results:
+            if reason is not None:
+                errors.append([{"file": fid, "reason": reason}])
+                log.warning("%s: %s", fid, reason)
+                failed += 1
+
+    # Small chunks keep the bar moving and every worker busy.
+    units = chunk_units("features", jobs, max(1, min(8, len(jobs) // (4 * workers))))
+    # Route warnings through tqdm so they do not break the progress bar.
+    with logging_redirect_tqdm():
+        run_units(_FeatureJob(spec.name, max_seconds, scorer), units, backend, record,
+                  desc="features", show=progress)
     return FeatureRunSummary(
         output_root=output_root,
         feature_set=spec.name,
@@ -635,18 +666,6 @@ def run_feature_extraction(
         seconds=time.perf_counter() - started,
         errors_csv=errors_csv,
     )
-
-
-def _collect(results: Any, total: int, errors: RowLog, progress: Callable[..., Any]) -> int:
-    failed = 0
-    # Route warnings through tqdm so they do not break the progress bar.
-    with logging_redirect_tqdm():
-        for fid, reason in progress(results, total=total, desc="features", unit="file"):
-            if reason is not None:
-                errors.append([{"file": fid, "reason": reason}])
-                log.warning("%s: %s", fid, reason)
-                failed += 1
-    return failed
 
 
 def load_feature_matrix(

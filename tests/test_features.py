@@ -199,7 +199,7 @@ def test_cekl_plus_folder_run_with_real_dnsmos(tmp_path: Path, rng: np.random.Ge
         write_wav(data / name, speech_like(rng, seconds) + 0.05 * coloured_noise(rng, seconds))
     # Two workers: the scorer reaches them through the pool initializer.
     summary = run_feature_extraction(
-        data, feat, "cekl_plus", max_seconds=2.0, num_workers=2, progress=lambda it, **_: it
+        data, feat, "cekl_plus", max_seconds=2.0, num_workers=2, progress=False
     )
     assert (summary.done, summary.errors) == (2, 0)
     matrix, names = load_feature_matrix(feat, ["a.wav", "sub/b.wav"])
@@ -288,7 +288,7 @@ def test_cli_end_to_end_resume_and_errors(tmp_path: Path, rng: np.random.Generat
 def test_run_refuses_another_feature_set(tmp_path: Path, rng: np.random.Generator) -> None:
     data, feat = tmp_path / "noisy", tmp_path / "feat"
     write_wav(data / "x.wav", speech_like(rng, 1.0))
-    summary = run_feature_extraction(data, feat, progress=lambda it, **_: it)
+    summary = run_feature_extraction(data, feat, progress=False)
     assert (summary.done, summary.skipped, summary.errors) == (1, 0, 0)
     with pytest.raises(FeatureConfigError, match="feature_set: 'cekl' -> 'cekl_plus'"):
         run_feature_extraction(data, feat, feature_set="cekl_plus")

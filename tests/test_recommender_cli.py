@@ -56,7 +56,7 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
             )
     pd.DataFrame(labels).to_csv(root / "labels.csv", index=False)
     pd.DataFrame(meta).to_csv(root / "metadata.csv", index=False)
-    run_feature_extraction(root / "noisy", root / "feat", progress=lambda it, **_: it)
+    run_feature_extraction(root / "noisy", root / "feat", progress=False)
     return {
         "root": root,
         "labels": root / "labels.csv",

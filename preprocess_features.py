@@ -22,6 +22,7 @@ from serec.features import (
     FeatureConfigError,
     run_feature_extraction,
 )
+from serec.lock import output_lock
 from serec.runinfo import write_run_json
 
 
@@ -54,15 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     recursive = args.base_data_dir is not None
     try:
-        summary = run_feature_extraction(
-            args.base_data_dir if recursive else args.input_dir,
-            args.output_base_dir,
-            feature_set=args.feature_set,
-            max_seconds=args.max_seconds,
-            num_workers=args.num_workers,
-            overwrite=args.overwrite,
-            recursive=recursive,
-        )
+        # run.json too is written under the folder's lock (run_feature_extraction re-enters it).
+        with output_lock(args.output_base_dir, "features"):
+            summary = run_feature_extraction(
+                args.base_data_dir if recursive else args.input_dir,
+                args.output_base_dir,
+                feature_set=args.feature_set,
+                max_seconds=args.max_seconds,
+                num_workers=args.num_workers,
+                overwrite=args.overwrite,
+                recursive=recursive,
+            )
+            write_run_json(args.output_base_dir, args, summary=vars(summary))
     except (FeatureConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
         # RuntimeError includes OutputLocked: another run writes into this folder.
         print(f"error: {exc}", file=sys.stderr)
@@ -70,7 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: finished vectors are kept; run the same command to resume", file=sys.stderr)
         return ExitStatus.INTERRUPTED
-    write_run_json(args.output_base_dir, args, summary=vars(summary))
     print(
         f"{summary.feature_set} features in {summary.output_root}: "
         f"{summary.done} computed, {summary.skipped} already done, {summary.errors} failed "

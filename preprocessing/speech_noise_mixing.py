@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from serec.lock import OutputLocked
 from serec.mixing import (
     DEFAULT_SNR_LEVELS,
     DEFAULT_SPEAKER_REGEX,
@@ -97,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_mixing(config)
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
+    except OutputLocked as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: finished WAVs are complete, metadata.csv was not written; "
               "re-run the same command to redo", file=sys.stderr)

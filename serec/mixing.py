@@ -15,17 +15,13 @@ from __future__ import annotations
 import logging
 import math
 import re
-import signal
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import partial
-from multiprocessing import Pool
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from serec.audio import (
     PCM16_SCALE,
@@ -39,6 +35,8 @@ from serec.audio import (
     write_wav,
 )
 from serec.fileio import write_csv_atomic
+from serec.lock import output_lock
+from serec.parallel import ChunkJob, LocalBackend, WorkUnit, chunk_units, run_units
 from serec.runinfo import write_run_json
 
 Decibels = float
@@ -474,44 +472,44 @@ class _Mixer:
         return task.index, row, None
 
 
-_worker_mixer: _Mixer | None = None
+class _MixingJob(ChunkJob[Any]):
+    """One phase of mixing on a chunk: unit key `check_source` ((role, path) items) or `make`."""
+
+    # Bad sources and mixtures are recorded per item by _Mixer; anything else is a bug.
+    recoverable = ()
+
+    def __init__(self, config: MixingConfig, noise_files: Sequence[Path]) -> None:
+        self.config = config
+        self.noise_files = list(noise_files)
+
+    def setup(self, threads: int | None) -> None:
+        # In this process both phases share one mixer, so each source is loaded once.
+        if getattr(self, "_mixer", None) is None:
+            self._mixer = _Mixer(self.config, self.noise_files)
+        else:
+            self._mixer.use_noise(self.noise_files)
+
+    def process(self, unit: WorkUnit[Any]) -> list[Any]:
+        return [getattr(self._mixer, unit.key)(item) for item in unit.items]
+
+    def failed(self, unit: WorkUnit[Any], reason: str) -> list[Any]:
+        if unit.key == "check_source":
+            return [(role, path, reason) for role, path in unit.items]
+        return [
+            (task.index, None, {"file": f"mixture {task.index} of {task.clean_source}", "role": "mixture",
+                                "reason": reason})
+            for task in unit.items
+        ]
 
 
-def _raise_system_exit(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
-def _init_worker(config: MixingConfig, noise_files: Sequence[Path]) -> None:
-    global _worker_mixer
-    # The parent handles Ctrl-C and then terminates the pool with SIGTERM; turning that
-    # into SystemExit lets a half-written temp file be removed on the way out.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _raise_system_exit)
-    _worker_mixer = _Mixer(config, noise_files)
-
-
-def _call_worker(method: str, item: Any) -> Any:
-    assert _worker_mixer is not None
-    return getattr(_worker_mixer, method)(item)
-
-
-def _run_all(
-    config: MixingConfig,
-    local: _Mixer | None,
-    noise_files: Sequence[Path],
-    method: str,
-    items: Sequence[Any],
-    desc: str,
-) -> list[Any]:
-    """Apply a _Mixer method to every item, in this process (`local`) or in a worker pool."""
-    progress = {"total": len(items), "desc": desc, "unit": "file", "leave": False}
-    if local is not None:
-        return list(tqdm(map(getattr(local, method), items), **progress))
+def _run_phase(job: _MixingJob, method: str, items: Sequence[Any], desc: str) -> list[Any]:
+    """Apply a _Mixer method to every item, in this process (one worker) or in worker processes."""
+    results: list[Any] = []
     # Small chunks keep the progress bar moving; a task is milliseconds of work either way.
-    chunksize = max(1, min(8, len(items) // (4 * config.num_workers)))
-    with Pool(config.num_workers, initializer=_init_worker, initargs=(config, noise_files)) as pool:
-        results = pool.imap_unordered(partial(_call_worker, method), items, chunksize=chunksize)
-        return list(tqdm(results, **progress))
+    size = max(1, min(8, len(items) // (4 * job.config.num_workers)))
+    run_units(job, chunk_units(method, items, size), LocalBackend(job.config.num_workers),
+              lambda _unit, rows: results.extend(rows), desc=desc, leave=False)
+    return results
 
 
 def _unique_files(roots: Sequence[Path]) -> list[Path]:
@@ -552,18 +550,23 @@ def run_mixing(config: MixingConfig) -> MixingSummary:
     regex) and mixtures that cannot be made are logged, recorded in skipped.csv and left
     out; the run goes on. metadata.csv is written once at the end, atomically. With one
     worker everything runs in this process and each source is loaded once; with more,
-    each worker loads a source at most once.
+    each worker loads a source at most once. Holds the output folder's lock for the run
+    (OutputLocked if another run holds it).
     """
+    with output_lock(config.output_dir, "mixing"):
+        return _mix_locked(config)
+
+
+def _mix_locked(config: MixingConfig) -> MixingSummary:
     out = config.output_dir
-    out.mkdir(parents=True, exist_ok=True)
     _remove_stale_outputs(out)
     pattern = compile_speaker_regex(config.speaker_regex)
     clean_files = _unique_files(config.clean_dir)
     noise_files = _unique_files(config.noise_dir)
-    local = _Mixer(config, []) if config.num_workers == 1 else None
+    job = _MixingJob(config, [])
 
     sources = [("clean", p) for p in clean_files] + [("noise", p) for p in noise_files]
-    checked = _run_all(config, local, [], "check_source", sources, "checking sources")
+    checked = _run_phase(job, "check_source", sources, "checking sources")
     bad = {path: reason for _role, path, reason in checked if reason is not None}
     skipped = [_skip(role, path, bad[path]) for role, path in sources if path in bad]
 
@@ -582,14 +585,13 @@ def run_mixing(config: MixingConfig) -> MixingSummary:
     if not good_clean or not good_noise:
         log.error("no usable %s files: nothing to mix", "clean" if not good_clean else "noise")
     else:
-        if local is not None:
-            local.use_noise(good_noise)
+        job.noise_files = good_noise
         split_of = split_speakers(speakers.values(), config.test_fraction, config.seed)
         tasks = []
         for index in range(requested):
             clean = good_clean[index % len(good_clean)]
             tasks.append(MixtureTask(index, clean, speakers[clean], split_of[speakers[clean]]))
-        results = _run_all(config, local, good_noise, "make", tasks, "mixing")
+        results = _run_phase(job, "make", tasks, "mixing")
         for _index, row, skip in sorted(results, key=lambda result: result[0]):
             if row is not None:
                 summary.rows.append(row)

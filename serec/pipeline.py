@@ -36,6 +36,13 @@ class PipelineConfig:
     models_config: Path | None = None  # TOML of external models (SGMSE, StoRM, CDiffuSE)
     num_mixtures: int = 192
     test_fraction: float = 0.25
+    # Share of noise recordings held out for test (None: test_fraction), so test mixtures
+    # are made of unseen speakers AND unseen noise recordings, as in deployment.
+    noise_test_fraction: float | None = None
+    # DNSMOS of every system at one active-speech level (dBFS; None: as it is). DNSMOS
+    # rewards quieter output; at a common level the labels compare enhancement, not
+    # loudness (README: "Scoring at a common level").
+    dnsmos_level_db: float | None = -26.0
     n_folds: int = 3
     num_epochs: int = 40
     num_workers: int = 2
@@ -130,6 +137,8 @@ def mixing_step(config: PipelineConfig) -> None:
         "--clean_dir", config.clean_dir, "--noise_dir", config.noise_dir,
         "--output_dir", config.path("mixtures"), "--num_mixtures", config.num_mixtures,
         "--seed", config.seed, "--test_fraction", config.test_fraction,
+        "--noise_test_fraction",
+        config.test_fraction if config.noise_test_fraction is None else config.noise_test_fraction,
         "--num_workers", config.num_workers,
         *(["--speaker_regex", config.speaker_regex] if config.speaker_regex else []),
     ])
@@ -140,10 +149,13 @@ def split_step(config: PipelineConfig) -> None:
     counts = split_folders(config.path("mixtures"), config.output_dir)
     metadata = pd.read_csv(config.path("mixtures") / "metadata.csv")
     speakers = metadata.groupby("split").speaker.nunique()
+    noises = metadata.groupby("split").noise_source.nunique()
+    shared = set(metadata[metadata.split == "train"].noise_source) & set(metadata[metadata.split == "test"].noise_source)
     print(f"split (split == train / test mixtures linked into their own folders): "
-          f"{counts['train']} train mixtures ({speakers['train']} speakers) in "
-          f"{shown(config.path('train'))}, {counts['test']} test mixtures ({speakers['test']} unseen "
-          f"speakers) in {shown(config.path('test'))}")
+          f"{counts['train']} train mixtures ({speakers['train']} speakers, {noises['train']} noise "
+          f"recordings) in {shown(config.path('train'))}, {counts['test']} test mixtures "
+          f"({speakers['test']} unseen speakers, {noises['test']} noise recordings, {len(shared)} of them "
+          f"also in train) in {shown(config.path('test'))}")
 
 
 def enhancement_step(config: PipelineConfig) -> None:
@@ -155,6 +167,7 @@ def enhancement_step(config: PipelineConfig) -> None:
             *(["--models", *config.models] if config.models else []),
             *(["--models_config", config.models_config] if config.models_config else []),
             "--num_workers", config.num_workers, "--seed", config.seed,
+            *(["--dnsmos_level_db", config.dnsmos_level_db] if config.dnsmos_level_db is not None else []),
         ])
 
 

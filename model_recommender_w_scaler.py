@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from serec.exitcodes import ExitStatus
+from serec.lock import OutputLocked, output_lock
 from serec.recommender.ast_model import AST_SIZES, PRETRAINED_CHOICES
 from serec.recommender.config import FEATURE_TYPE_KINDS, RecommenderConfig
 from serec.recommender.crossval import evaluate_pipeline
@@ -134,24 +135,26 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.num_threads or max(1, (os.cpu_count() or 2) // 2))
     stage = args.training_stage
     try:
-        cfg = RecommenderConfig(
-            **{f.name: getattr(args, f.name) for f in fields(RecommenderConfig)}
-        )
-        (cfg.output_dir / stage).mkdir(parents=True, exist_ok=True)
-        write_run_json(cfg.output_dir / stage, args)
-        if stage == "evaluate_pipeline":
-            report = evaluate_pipeline(cfg)
-            skipped = report.skipped
-            print(report.table)
-            print(f"reports in {report.out_dir}")
-        else:
-            result = train_stage(cfg, stage)
-            stage_report = write_stage_report(result)
-            skipped = result.skipped
-            print(format_table(stage_report["summary"], f"{stage}: held-out folds (mean ± std)"))
-            print(f"checkpoints: {', '.join(str(f.checkpoint) for f in result.folds)}")
-            print(f"reports in {result.stage_dir}")
-    except RecommenderError as exc:
+        # Stages share folds.csv and the input cache in OUTPUT_DIR: one run at a time.
+        with output_lock(args.output_dir, "recommender"):
+            cfg = RecommenderConfig(
+                **{f.name: getattr(args, f.name) for f in fields(RecommenderConfig)}
+            )
+            (cfg.output_dir / stage).mkdir(parents=True, exist_ok=True)
+            write_run_json(cfg.output_dir / stage, args)
+            if stage == "evaluate_pipeline":
+                report = evaluate_pipeline(cfg)
+                skipped = report.skipped
+                print(report.table)
+                print(f"reports in {report.out_dir}")
+            else:
+                result = train_stage(cfg, stage)
+                stage_report = write_stage_report(result)
+                skipped = result.skipped
+                print(format_table(stage_report["summary"], f"{stage}: held-out folds (mean ± std)"))
+                print(f"checkpoints: {', '.join(str(f.checkpoint) for f in result.folds)}")
+                print(f"reports in {result.stage_dir}")
+    except (RecommenderError, OutputLocked) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitStatus.USAGE
     except KeyboardInterrupt:

@@ -18,15 +18,19 @@ from serec.enhancers.registry import (
     register_enhancer,
 )
 
-# The built-ins the enhancement driver runs by default, in a stable order. `none`
-# (passthrough) is registered but not a default: its scores would duplicate the `noisy`
-# row that every run records anyway; ask for it by name to make "leave it" a label.
+# The built-ins the enhancement driver runs by default, in a stable order: one model per
+# family, chosen on 100 real mixtures (BENCHMARKS.md, "The neural zoo"): DeepFilterNet3
+# (deep filtering; best single model), GTCRN (mask-based; best of the three light mask
+# models on OVR and PESQ), Conv-TasNet (time-domain; wins many low-SNR files that
+# DeepFilterNet3 loses), RNNoise (hybrid DSP/RNN) and non-stationary spectral gating (DSP).
+# `none` (passthrough) is registered but not a default: its scores would duplicate the
+# `noisy` row that every run records anyway; ask for it by name to make "leave it" a label.
 DEFAULT_MODELS: tuple[str, ...] = (
+    "deepfilternet3",
+    "gtcrn",
+    "convtasnet",
     "rnnoise",
-    "webrtc",
-    "speex",
     "spectral_gating",
-    "spectral_gating_stationary",
 )
 
 __all__ = [

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from serec.assessment import evaluate_rec_folders, format_summary
 from serec.enhancers import EnhancerUnavailable, ModelsConfigError, load_models_config
+from serec.lock import OutputLocked, output_lock
 from serec.report import DEFAULT_LISTENING_ROWS, write_report
 from serec.routing import KEEP_NOISY, Route, copy_routed_files, enhance_routed_files
 from serec.runinfo import write_run_json
@@ -146,21 +147,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     errors = 0
     try:
-        if not args.eval_only:
-            errors += _route_and_enhance(args)
-        evaluation = evaluate_rec_folders(args.enhanced_dir, args.clean_speech_dir, num_workers=args.num_workers)
-        errors += evaluation.errors
-        for message in evaluation.messages:
-            print(f"warning: {message}", file=sys.stderr)
-        print(f"\nevaluation: {evaluation.evaluation_csv} ({evaluation.scored_now} scored, "
-              f"{evaluation.reused} unchanged, {evaluation.errors} errors)\n"
-              f"summary: {evaluation.summary_csv}\n" + format_summary(evaluation.summary_rows))
-        if args.labels_csv is not None:
-            _compare(args)
-        report = write_report(args.enhanced_dir, args.labels_csv, max_listening_rows=args.report_rows)
-        write_run_json(args.enhanced_dir, args, mode="eval_only" if args.eval_only else "full")
-        print(f"report: {report}")
-    except (EnhancerUnavailable, ModelsConfigError, FileNotFoundError, ValueError) as exc:
+        # Every CSV of OUT is rewritten by this run: one run per OUT at a time.
+        with output_lock(args.enhanced_dir, "recommendation"):
+            if not args.eval_only:
+                errors += _route_and_enhance(args)
+            evaluation = evaluate_rec_folders(args.enhanced_dir, args.clean_speech_dir, num_workers=args.num_workers)
+            errors += evaluation.errors
+            for message in evaluation.messages:
+                print(f"warning: {message}", file=sys.stderr)
+            print(f"\nevaluation: {evaluation.evaluation_csv} ({evaluation.scored_now} scored, "
+                  f"{evaluation.reused} unchanged, {evaluation.errors} errors)\n"
+                  f"summary: {evaluation.summary_csv}\n" + format_summary(evaluation.summary_rows))
+            if args.labels_csv is not None:
+                _compare(args)
+            report = write_report(args.enhanced_dir, args.labels_csv, max_listening_rows=args.report_rows)
+            write_run_json(args.enhanced_dir, args, mode="eval_only" if args.eval_only else "full")
+            print(f"report: {report}")
+    except (EnhancerUnavailable, ModelsConfigError, OutputLocked, FileNotFoundError, ValueError) as exc:
         # RecommenderError and CheckpointError are ValueErrors.
         print(f"recommendation_driver: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -35,6 +35,7 @@ from serec.audio import SAMPLE_RATE, load_audio
 from serec.enhancement import SCORES_CSV
 from serec.enhancers import create_enhancer
 from serec.experiment import markdown_table
+from serec.fileio import write_csv_atomic
 from serec.labels import NOISY_SYSTEM
 from serec.parallel import use_single_thread
 
@@ -46,7 +47,10 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--enhancement_dir", type=Path, required=True, help="enhancement_driver.py's --output_dir")
     parser.add_argument("--mix_dir", type=Path, required=True, help="the mixing step's --output_dir")
+    parser.add_argument("--models", nargs="+", help="models to report (default: every system in scores.csv)")
     parser.add_argument("--timing_files", type=int, default=20, help="files each model is timed on (0: no timing)")
+    parser.add_argument("--timings", type=Path, help="CSV of the measured RTFs: written after timing, "
+                        "read instead of timing again when it exists (to remake the tables)")
     parser.add_argument("--band_db", type=float, default=10.0, help="width of the SNR bands")
     parser.add_argument("--zoo", action="append", default=[], metavar="NAME=M1,M2,...",
                         help="a subset of the models to report the oracle headroom for (repeatable)")
@@ -162,7 +166,7 @@ def _f(value: float) -> str:
 def main() -> None:
     args = parse_args()
     scores = load_scores(args.enhancement_dir, args.mix_dir, args.band_db)
-    models = [m for m in dict.fromkeys(scores["system"]) if m != NOISY_SYSTEM]
+    models = args.models or [m for m in dict.fromkeys(scores["system"]) if m != NOISY_SYSTEM]
     zoos = {"all": models}
     for spec in args.zoo:
         name, _, members = spec.partition("=")
@@ -170,7 +174,15 @@ def main() -> None:
         unknown = set(zoos[name]) - set(models)
         if unknown:
             raise SystemExit(f"--zoo {name}: not in scores.csv: {', '.join(sorted(unknown))}")
-    rtf = time_models(models, args.mix_dir / "noisy", args.timing_files) if args.timing_files else {}
+    if args.timings is not None and args.timings.exists():
+        table = pd.read_csv(args.timings, index_col="model")
+        rtf = {m: (table.loc[m, "rtf_wall"], table.loc[m, "rtf_cpu"]) for m in table.index}
+    else:
+        rtf = time_models(models, args.mix_dir / "noisy", args.timing_files) if args.timing_files else {}
+        if args.timings is not None:
+            rows = [{"model": m, "rtf_wall": wall, "rtf_cpu": cpu, "files": args.timing_files}
+                    for m, (wall, cpu) in rtf.items()]
+            write_csv_atomic(args.timings, ["model", "rtf_wall", "rtf_cpu", "files"], rows)
     files = scores["file"].nunique()
     audio_s = scores.drop_duplicates("file")["duration_s"].sum()
     timed = f"RTF timed here on the first {args.timing_files} files" if rtf else "not timed here"

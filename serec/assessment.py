@@ -8,20 +8,18 @@ import csv
 import hashlib
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import stats
-from tqdm import tqdm
 
 from serec.audio import SAMPLE_RATE, AudioError, list_audio_files, load_audio
 from serec.enhancement import METRIC_COLUMNS
 from serec.fileio import RowLog, csv_text, write_csv_atomic, write_text_atomic
-from serec.parallel import use_single_thread
+from serec.parallel import Backend, ChunkJob, LocalBackend, WorkUnit, chunk_units, run_units
 from serec.quality import QualityScorer
 from serec.routing import ENHANCED_DIR, ROUTING_CSV, find_rec_folders, group_files
 
@@ -151,13 +149,19 @@ def pair_rec_folders(out_dir: str | os.PathLike[str], clean_dir: str | os.PathLi
 # Scoring
 
 
-_state: dict[str, Any] = {}
+class _EvaluationJob(ChunkJob[tuple[EvalPair, str, str]]):
+    """Score chunks of (pair, routed model, inputs_sha1) items with one scorer per process."""
 
+    recoverable = (AudioError, RuntimeError, ValueError, OSError)
 
-def _init_worker(num_threads: int | None) -> None:
-    if num_threads == 1:
-        use_single_thread()
-    _state["scorer"] = QualityScorer(num_threads=num_threads)
+    def setup(self, threads: int | None) -> None:
+        self._scorer = QualityScorer(num_threads=threads)
+
+    def process(self, unit: WorkUnit[tuple[EvalPair, str, str]]) -> list[dict[str, Any]]:
+        return score_chunk(unit.items, self._scorer)
+
+    def failed(self, unit: WorkUnit[tuple[EvalPair, str, str]], reason: str) -> list[dict[str, Any]]:
+        return [_error_row(pair, routed, reason, sha1) for pair, routed, sha1 in unit.items]
 
 
 def _error_row(pair: EvalPair, routed: str, reason: str, sha1: str, duration_s: float = math.nan) -> dict[str, Any]:
@@ -167,7 +171,7 @@ def _error_row(pair: EvalPair, routed: str, reason: str, sha1: str, duration_s: 
     return row
 
 
-def score_chunk(chunk: Sequence[tuple[EvalPair, str, str]]) -> list[dict[str, Any]]:
+def score_chunk(chunk: Sequence[tuple[EvalPair, str, str]], scorer: QualityScorer) -> list[dict[str, Any]]:
     """Score (pair, routed model, inputs_sha1) items: noisy and enhanced against clean."""
     rows: dict[int, dict[str, Any]] = {}
     ready = []
@@ -193,7 +197,6 @@ def score_chunk(chunk: Sequence[tuple[EvalPair, str, str]]) -> list[dict[str, An
             except AudioError as exc:
                 notes.append(f"clean reference: {exc.reason}")
         ready.append((i, pair, routed, sha1, noisy, enhanced, clean, notes, duration))
-    scorer: QualityScorer = _state["scorer"]
     noisy_scores = scorer.score_batch([r[4] for r in ready], [r[6] for r in ready])
     enhanced_scores = scorer.score_batch([r[5] for r in ready], [r[6] for r in ready])
     for (i, pair, routed, sha1, _, _, _, notes, duration), ns, es in zip(
@@ -238,17 +241,13 @@ class EvaluationSummary:
     summary_csv: Path
 
 
-def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 def evaluate_rec_folders(
     out_dir: str | os.PathLike[str],
     clean_dir: str | os.PathLike[str] | None = None,
     *,
     num_workers: int = 1,
     chunk_size: int = 8,
+    backend: Backend | None = None,
 ) -> EvaluationSummary:
     """Score every rec folder's files; write evaluation.csv and summary.csv.
 
@@ -256,7 +255,9 @@ def evaluate_rec_folders(
     every metric. summary.csv: per group and `all`, per metric, the mean and 95% confidence
     interval of the noisy input, the enhanced output and the improvement. Rows are appended
     as chunks finish and reused by a re-run while the files they were scored from are
-    unchanged (`inputs_sha1`), so an interrupted evaluation resumes.
+    unchanged (`inputs_sha1`), so an interrupted evaluation resumes. `backend` runs the
+    work units (default: `num_workers` local worker processes, at least one, so that a
+    crash of a native metric costs a file).
     """
     out_dir = Path(out_dir)
     pairing = pair_rec_folders(out_dir, clean_dir)
@@ -266,18 +267,9 @@ def evaluate_rec_folders(
     latest = {(r["file"], r["group"]): r for r in log.read()}
     todo = [it for it in items if latest.get((it[0].file, it[0].group), {}).get("inputs_sha1") != it[2]]
     if todo:
-        with tqdm(total=len(todo), desc="evaluate", unit="file") as bar:
-            if num_workers <= 1:
-                _init_worker(None)
-                results: Iterator[list[dict[str, Any]]] = map(score_chunk, _chunks(todo, chunk_size))
-                for rows in results:
-                    log.append(rows)
-                    bar.update(len(rows))
-            else:
-                with ProcessPoolExecutor(num_workers, initializer=_init_worker, initargs=(1,)) as pool:
-                    for rows in pool.map(score_chunk, _chunks(todo, chunk_size)):
-                        log.append(rows)
-                        bar.update(len(rows))
+        run_units(_EvaluationJob(), chunk_units("evaluate", todo, chunk_size),
+                  backend or LocalBackend(num_workers, isolate=True),
+                  lambda _unit, rows: log.append(rows), desc="evaluate")
         latest = {(r["file"], r["group"]): r for r in log.read()}
     final = [latest[(p.file, p.group)] for p, _, _ in sorted(items, key=lambda it: (it[0].group, it[0].file))]
     for row in final:  # routing.csv may have been rewritten since the row was scored

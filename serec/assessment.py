@@ -17,32 +17,20 @@ import numpy as np
 from scipy import stats
 
 from serec.audio import SAMPLE_RATE, AudioError, list_audio_files, load_audio
-from serec.enhancement import METRIC_COLUMNS
 from serec.fileio import RowLog, csv_text, write_csv_atomic, write_text_atomic
 from serec.parallel import Backend, ChunkJob, LocalBackend, WorkUnit, chunk_units, run_units
-from serec.quality import QualityScorer
-from serec.routing import ENHANCED_DIR, ROUTING_CSV, find_rec_folders, group_files
+from serec.quality import METRIC_NAMES, QualityScorer
+from serec.routing import ENHANCED_DIR, find_rec_folders, group_files
+from serec.schema import (
+    EVALUATION_COLUMNS,
+    EVALUATION_CSV,
+    EVALUATION_SIDES,
+    ROUTING_CSV,
+    SUMMARY_COLUMNS,
+    SUMMARY_CSV,
+)
 
-EVALUATION_CSV = "evaluation.csv"
-SUMMARY_CSV = "summary.csv"
 ALL_GROUPS = "all"
-SIDES = ("noisy", "enhanced", "delta")
-EVALUATION_COLUMNS = [
-    "file",
-    "group",
-    "routed_model",
-    "status",
-    "error",
-    *(f"{side}_{m}" for side in SIDES for m in METRIC_COLUMNS),
-    "duration_s",
-    "inputs_sha1",
-]
-SUMMARY_COLUMNS = [
-    "group",
-    "metric",
-    "n",
-    *(f"{side}_{stat}" for side in SIDES for stat in ("mean", "ci95_low", "ci95_high")),
-]
 # How many noisy files without a clean reference, or other mismatches, are named in messages.
 SHOWN = 5
 
@@ -202,11 +190,11 @@ def score_chunk(chunk: Sequence[tuple[EvalPair, str, str]], scorer: QualityScore
     for (i, pair, routed, sha1, _, _, _, notes, duration), ns, es in zip(
         ready, noisy_scores, enhanced_scores, strict=True
     ):
-        errors = notes + [f"noisy {m}: {e}" for m, e in ns.errors.items() if m in METRIC_COLUMNS]
-        errors += [f"enhanced {m}: {e}" for m, e in es.errors.items() if m in METRIC_COLUMNS]
+        errors = notes + [f"noisy {m}: {e}" for m, e in ns.errors.items() if m in METRIC_NAMES]
+        errors += [f"enhanced {m}: {e}" for m, e in es.errors.items() if m in METRIC_NAMES]
         row: dict[str, Any] = {"file": pair.file, "group": pair.group, "routed_model": routed, "status": "ok",
                                "error": "; ".join(errors), "duration_s": duration, "inputs_sha1": sha1}
-        for m in METRIC_COLUMNS:
+        for m in METRIC_NAMES:
             before, after = ns.values.get(m, math.nan), es.values.get(m, math.nan)
             row[f"noisy_{m}"] = _r(before)
             row[f"enhanced_{m}"] = _r(after)
@@ -321,12 +309,12 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for group in [*groups, ALL_GROUPS]:
         members = ok if group == ALL_GROUPS else [r for r in ok if r["group"] == group]
-        for metric in METRIC_COLUMNS:
+        for metric in METRIC_NAMES:
             paired = [r for r in members if math.isfinite(_as_float(r[f"delta_{metric}"]))]
             if not paired:
                 continue
             row: dict[str, Any] = {"group": group, "metric": metric, "n": len(paired)}
-            for side in SIDES:
+            for side in EVALUATION_SIDES:
                 mean, low, high = mean_ci95([_as_float(r[f"{side}_{metric}"]) for r in paired])
                 row.update({f"{side}_mean": _r(mean), f"{side}_ci95_low": _r(low), f"{side}_ci95_high": _r(high)})
             out.append(row)

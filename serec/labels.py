@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
+
+from serec.quality import METRIC_NAMES, METRICS
+from serec.schema import label_columns, label_score_column
 
 ALL_FAILED = "All_Failed"
 NOISY_SYSTEM = "noisy"
-LABEL_COLUMNS_FIXED = ("file", "label", "best_model", "best_ovr")
+LABEL_POLICIES = ("absolute", "relative")
 
 AllFailedPolicy = Literal["absolute", "relative"]
 
@@ -20,7 +23,10 @@ class LabelRule:
 
     absolute (the thesis rule): All_Failed when every model scores <= `threshold`.
     relative: All_Failed when no model beats the noisy input by at least `min_gain`.
-    Ties go to the model listed first, so labels do not depend on dict or file order.
+    "Best", "beats" and "scores <=" follow the metric's `higher_is_better` (quality.METRICS):
+    for a lower-is-better metric the best model has the lowest value, and fails when it is
+    >= `threshold`. Ties go to the model listed first, so labels do not depend on dict or
+    file order.
     """
 
     metric: str = "dnsmos_ovr"
@@ -29,8 +35,27 @@ class LabelRule:
     min_gain: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.policy not in ("absolute", "relative"):
+        if self.policy not in LABEL_POLICIES:
             raise ValueError(f"unknown All_Failed policy {self.policy!r}: use absolute or relative")
+        if self.metric not in METRICS:
+            raise ValueError(f"unknown label metric {self.metric!r}: choose from {', '.join(METRIC_NAMES)}")
+
+    @property
+    def sign(self) -> int:
+        """+1 when a higher value of the label metric is better, -1 when lower is."""
+        return 1 if METRICS[self.metric].higher_is_better else -1
+
+    def describe(self) -> str:
+        """The rule in words, as tables.md and the README print it."""
+        if self.policy == "absolute":
+            worse = "<=" if self.sign > 0 else ">="
+            return f"All_Failed when every model's {self.metric} {worse} {self.threshold:g}"
+        return (f"All_Failed when no model beats the noisy input's {self.metric} by at least "
+                f"{self.min_gain:g}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "policy": self.policy, "threshold": self.threshold,
+                "min_gain": self.min_gain}
 
 
 def _finite(value: float | None) -> bool:
@@ -49,18 +74,19 @@ def label_one(
     has a score the file is All_Failed with an empty best_model.
     """
     best_model, best_score = "", math.nan
+    sign = rule.sign
     for model in models:
         score = model_scores.get(model)
-        if _finite(score) and (not _finite(best_score) or score > best_score):
+        if _finite(score) and (not _finite(best_score) or sign * score > sign * best_score):
             best_model, best_score = model, float(score)
     if not best_model:
         return ALL_FAILED, "", math.nan
     if rule.policy == "absolute":
-        failed = best_score <= rule.threshold
+        failed = sign * best_score <= sign * rule.threshold
     else:
         if not _finite(noisy_score):
             raise ValueError("relative All_Failed policy needs the noisy input's score")
-        failed = best_score - float(noisy_score) < rule.min_gain
+        failed = sign * (best_score - float(noisy_score)) < rule.min_gain
     return (ALL_FAILED if failed else best_model), best_model, best_score
 
 
@@ -73,8 +99,8 @@ def label_files(
 
     `scores` rows have `file`, `system`, `status` and the metric column. Files whose noisy
     input failed (status error) get no label: they are reported in scores.csv instead.
-    Output columns: file, label, best_model, best_ovr, then `<MODEL>_ovr` per model (the
-    label metric's value, named `_ovr` by the contract whatever the metric).
+    Output columns: schema.label_columns (file, label, best_model, best_ovr, then
+    `<MODEL>_ovr` per model: the label metric's value, named `_ovr` whatever the metric).
     """
     per_file: dict[str, dict[str, float | None]] = {}
     noisy_ok: dict[str, bool] = {}
@@ -98,13 +124,9 @@ def label_files(
         }
         for model in models:
             value = systems.get(model)
-            row[f"{model}_ovr"] = math.nan if value is None else value
+            row[label_score_column(model)] = math.nan if value is None else value
         labels.append(row)
     return labels
-
-
-def label_columns(models: Sequence[str]) -> list[str]:
-    return [*LABEL_COLUMNS_FIXED, *(f"{m}_ovr" for m in models)]
 
 
 def _as_float(value: object) -> float | None:
@@ -114,3 +136,9 @@ def _as_float(value: object) -> float | None:
         return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
+
+
+# label_columns: labels.csv's columns (defined in serec.schema), for the step that writes it.
+__all__ = ["ALL_FAILED", "LABEL_POLICIES", "NOISY_SYSTEM", "AllFailedPolicy", "LabelRule",
+           "label_columns", "label_files", "label_one"]
+

@@ -134,6 +134,7 @@ class MetricSpec:
     needs_reference: bool
     native_sr: int
     description: str
+    heading: str  # short column title in printed tables
     higher_is_better: bool = True
     dnsmos_key: str | None = None
     function: MetricFunction | None = None
@@ -142,14 +143,14 @@ class MetricSpec:
 METRICS: dict[str, MetricSpec] = {
     spec.name: spec
     for spec in (
-        MetricSpec("dnsmos_sig", False, SAMPLE_RATE, "DNSMOS P.835 speech quality, MOS 1-5", dnsmos_key="sig"),
-        MetricSpec("dnsmos_bak", False, SAMPLE_RATE, "DNSMOS P.835 background quality, MOS 1-5", dnsmos_key="bak"),
-        MetricSpec("dnsmos_ovr", False, SAMPLE_RATE, "DNSMOS P.835 overall quality, MOS 1-5", dnsmos_key="ovr"),
-        MetricSpec("dnsmos_p808", False, SAMPLE_RATE, "DNSMOS P.808 overall quality, MOS 1-5", dnsmos_key="p808"),
-        MetricSpec("pesq_wb", True, SAMPLE_RATE, "wide-band PESQ, MOS-LQO 1.04-4.64", function=pesq_wb),
-        MetricSpec("stoi", True, SAMPLE_RATE, "STOI intelligibility, 0-1", function=stoi_score),
-        MetricSpec("estoi", True, SAMPLE_RATE, "extended STOI, 0-1", function=estoi_score),
-        MetricSpec("si_sdr", True, SAMPLE_RATE, "scale-invariant SDR, dB", function=si_sdr),
+        MetricSpec("dnsmos_sig", False, SAMPLE_RATE, "DNSMOS P.835 speech quality, MOS 1-5", "SIG", dnsmos_key="sig"),
+        MetricSpec("dnsmos_bak", False, SAMPLE_RATE, "DNSMOS P.835 background quality, MOS 1-5", "BAK", dnsmos_key="bak"),
+        MetricSpec("dnsmos_ovr", False, SAMPLE_RATE, "DNSMOS P.835 overall quality, MOS 1-5", "OVR", dnsmos_key="ovr"),
+        MetricSpec("dnsmos_p808", False, SAMPLE_RATE, "DNSMOS P.808 overall quality, MOS 1-5", "P808", dnsmos_key="p808"),
+        MetricSpec("pesq_wb", True, SAMPLE_RATE, "wide-band PESQ, MOS-LQO 1.04-4.64", "PESQ-WB", function=pesq_wb),
+        MetricSpec("stoi", True, SAMPLE_RATE, "STOI intelligibility, 0-1", "STOI", function=stoi_score),
+        MetricSpec("estoi", True, SAMPLE_RATE, "extended STOI, 0-1", "ESTOI", function=estoi_score),
+        MetricSpec("si_sdr", True, SAMPLE_RATE, "scale-invariant SDR, dB", "SI-SDR", function=si_sdr),
     )
 }
 METRIC_NAMES: tuple[str, ...] = tuple(METRICS)

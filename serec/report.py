@@ -5,7 +5,6 @@ path; no scripts or external resources) that opens from disk in any browser.
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import json
@@ -21,10 +20,18 @@ from urllib.parse import quote
 import numpy as np
 from matplotlib.figure import Figure
 
-from serec.assessment import EVALUATION_CSV, SUMMARY_CSV
 from serec.fileio import write_text_atomic
-from serec.routing import ENHANCED_DIR, RECOMMENDATIONS_CSV, RECOMMENDER_JSON, rec_folder_name
-from serec.strategies import STRATEGIES_CSV, read_enhancement_scores
+from serec.quality import METRICS
+from serec.routing import ENHANCED_DIR, rec_folder_name
+from serec.schema import (
+    HEADLINE_METRICS,
+    RECOMMENDER_JSON,
+    read_evaluation,
+    read_recommendations,
+    read_strategies,
+    read_summary,
+)
+from serec.strategies import read_enhancement_scores
 
 REPORT_HTML = "report.html"
 DEFAULT_LISTENING_ROWS = 40
@@ -39,13 +46,6 @@ img { max-width: 100%; } audio { width: 170px; height: 30px; }
 .wide { overflow-x: auto; } dl { font-size: 0.9em; } dt { font-weight: bold; float: left; margin-right: 0.5em; }
 .note { color: #555; font-size: 0.9em; }
 """
-
-
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
 
 
 def _float(value: Any) -> float:
@@ -138,8 +138,8 @@ def _strategies_section(strategies: Sequence[Mapping[str, str]]) -> str:
         return ("<p>No strategy comparison: pass <code>--labels_csv</code> (enhancement_driver's "
                 "labels.csv for the same files) to compare with single models and the oracle.</p>")
     # The headline metrics; strategies.csv has every one.
-    metrics = [m for m in ("dnsmos_ovr", "pesq_wb", "stoi", "si_sdr") if any(r.get(m) for r in strategies)]
-    columns = ["strategy", "files", *metrics, "oracle gain captured", "enhancer s",
+    metrics = [m for m in HEADLINE_METRICS if any(r.get(m) for r in strategies)]
+    columns = ["strategy", "files", *(METRICS[m].heading for m in metrics), "oracle gain captured", "enhancer s",
                "recommender s", "DNSMOS s", "total s"]
     rows = [
         [r["strategy"], r["files"], *(_fmt(r[m]) for m in metrics),
@@ -320,10 +320,10 @@ def write_report(
 ) -> Path:
     """Build OUT/report.html from OUT's CSVs (and ENH's scores and audio with `labels_csv`)."""
     out_dir = Path(out_dir)
-    recommendations = _read_csv(out_dir / RECOMMENDATIONS_CSV)
-    evaluation = _read_csv(out_dir / EVALUATION_CSV)
-    summary = _read_csv(out_dir / SUMMARY_CSV)
-    strategies = _read_csv(out_dir / STRATEGIES_CSV)
+    recommendations = read_recommendations(out_dir)
+    evaluation = read_evaluation(out_dir)
+    summary = read_summary(out_dir)
+    strategies = read_strategies(out_dir)
     enh_scores = read_enhancement_scores(labels_csv) if labels_csv is not None else None
     labels = enh_scores.labels if enh_scores is not None else None
     files = [r["file"] for r in recommendations] or sorted({r["file"] for r in evaluation})

@@ -4,7 +4,6 @@ choice and run-all-and-pick: mean scores, share of the oracle's gain captured, c
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -18,37 +17,29 @@ from typing import Any
 import numpy as np
 
 from serec.audio import load_audio
-from serec.fileio import check_file_ids, write_csv_atomic, write_json_atomic
-from serec.labels import LABEL_COLUMNS_FIXED, NOISY_SYSTEM
-from serec.routing import (
-    KEEP_NOISY,
+from serec.fileio import write_json_atomic
+from serec.labels import NOISY_SYSTEM
+from serec.quality import METRIC_NAMES, METRICS
+from serec.routing import KEEP_NOISY, rec_folder_name, routed_model_for
+from serec.schema import (
+    EVALUATION_CSV,
+    HEADLINE_METRICS,
     RECOMMENDATIONS_CSV,
     RECOMMENDER_JSON,
-    rec_folder_name,
-    routed_model_for,
+    SCORES_CSV,
+    read_evaluation,
+    read_labels,
+    read_recommendations,
+    read_scores,
+    write_strategies_csv,
 )
 
-STRATEGIES_CSV = "strategies.csv"
 # The measured DNSMOS seconds per file of run-all-and-pick, reused while its inputs are unchanged.
 DNSMOS_TIMING_JSON = "dnsmos_timing.json"
-METRICS = ("dnsmos_ovr", "dnsmos_sig", "dnsmos_bak", "dnsmos_p808", "pesq_wb", "stoi", "estoi", "si_sdr")
 SELECTION_METRIC = "dnsmos_ovr"
-PRINTED_METRICS = ("dnsmos_ovr", "pesq_wb", "stoi")
 # Below this oracle headroom (mean OVR over the best single model) the captured fraction is
 # flagged as unstable when printed.
 SMALL_HEADROOM = 0.05
-STRATEGY_COLUMNS = [
-    "strategy",
-    "description",
-    "files",
-    *METRICS,
-    "ovr_gain_over_best_single",
-    "oracle_gain_captured",
-    "enhancer_seconds",
-    "recommender_seconds",
-    "dnsmos_seconds",
-    "total_seconds",
-]
 
 
 @dataclass
@@ -76,30 +67,22 @@ def _float(text: str | None) -> float:
 def read_enhancement_scores(labels_csv: str | os.PathLike[str]) -> EnhancementScores:
     """Read labels.csv and the scores.csv beside it (enhancement_driver's output)."""
     labels_csv = Path(labels_csv)
-    scores_csv = labels_csv.with_name("scores.csv")
+    scores_csv = labels_csv.with_name(SCORES_CSV)
     for path in (labels_csv, scores_csv):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not found; --labels_csv must point at enhancement_driver's labels.csv")
-    with open(labels_csv, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        columns = reader.fieldnames or []
-        label_rows = list(reader)
-    if not set(LABEL_COLUMNS_FIXED) <= set(columns):
-        raise ValueError(f"{labels_csv}: columns {columns} are not a labels.csv's ({', '.join(LABEL_COLUMNS_FIXED)}, <MODEL>_ovr...)")
-    check_file_ids((r["file"] for r in label_rows), labels_csv)
-    models = [c[: -len("_ovr")] for c in columns if c.endswith("_ovr") and c != "best_ovr"]
+    labels = read_labels(labels_csv)
     values: dict[tuple[str, str], dict[str, float]] = {}
     seconds: dict[tuple[str, str], float] = {}
-    with open(scores_csv, newline="", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            if row.get("status") != "ok":
-                continue
-            key = (row["file"], row["system"])
-            values[key] = {m: _float(row.get(m)) for m in METRICS}
-            seconds[key] = 0.0 if row["system"] == NOISY_SYSTEM else _float(row.get("seconds"))
+    for row in read_scores(scores_csv):
+        if row.get("status") != "ok":
+            continue
+        key = (row["file"], row["system"])
+        values[key] = {m: _float(row.get(m)) for m in METRIC_NAMES}
+        seconds[key] = 0.0 if row["system"] == NOISY_SYSTEM else _float(row.get("seconds"))
     return EnhancementScores(
-        models=models,
-        labels={r["file"]: r["label"] for r in label_rows},
+        models=labels.models,
+        labels={r["file"]: r["label"] for r in labels.rows},
         values=values,
         seconds=seconds,
         labels_csv=labels_csv,
@@ -128,7 +111,7 @@ class StrategyRow:
             "strategy": self.strategy,
             "description": self.description,
             "files": self.files,
-            **{m: _round(self.means.get(m, math.nan)) for m in METRICS},
+            **{m: _round(self.means.get(m, math.nan)) for m in METRIC_NAMES},
             "ovr_gain_over_best_single": _round(self.gain_over_best_single),
             "oracle_gain_captured": _round(self.oracle_gain_captured),
             "enhancer_seconds": _round(self.enhancer_seconds),
@@ -162,7 +145,7 @@ def _choice_row(
     scores: EnhancementScores,
 ) -> StrategyRow:
     """Mean scores and summed enhancer seconds when file f gets system choice[f]."""
-    means = {m: _nanmean([scores.value(f, choice[f], m) for f in files]) for m in METRICS}
+    means = {m: _nanmean([scores.value(f, choice[f], m) for f in files]) for m in METRIC_NAMES}
     seconds = float(sum(scores.seconds.get((f, choice[f]), 0.0) for f in files))
     return StrategyRow(name, description, len(files), means, seconds)
 
@@ -239,31 +222,35 @@ def compare_strategies(
     fixed = {m: _choice_row(f"always_{m}", f"always {m}", files, dict.fromkeys(files, m), scores) for m in models}
     rows.extend(fixed.values())
     rows.append(_choice_row("noisy", "no enhancement (the input)", files, dict.fromkeys(files, NOISY_SYSTEM), scores))
-    best = {f: max(models, key=lambda m, f=f: (scores.value(f, m, SELECTION_METRIC), -models.index(m))) for f in files}
+    sign = 1 if METRICS[SELECTION_METRIC].higher_is_better else -1
+    best = {f: max(models, key=lambda m, f=f: (sign * scores.value(f, m, SELECTION_METRIC), -models.index(m)))
+            for f in files}
     rows.append(_choice_row("oracle", "best model per file by DNSMOS OVR, known for free", files, best, scores))
     run_all = _choice_row("run_all_pick_best_ovr", "run every model, keep the best DNSMOS OVR", files, best, scores)
     run_all.enhancer_seconds = float(sum(scores.seconds.get((f, m), 0.0) for f in files for m in models))
     run_all.dnsmos_seconds = dnsmos_seconds_per_file * len(files) * len(models)
     rows.append(run_all)
     random_means = {
-        m: _nanmean([_nanmean([scores.value(f, s, m) for s in models]) for f in files]) for m in METRICS
+        m: _nanmean([_nanmean([scores.value(f, s, m) for s in models]) for f in files])
+        for m in METRIC_NAMES
     }
     rows.append(StrategyRow(
         "random_expected", "a uniformly random model per file (expected value)", len(files), random_means,
         float(np.mean([fixed[m].enhancer_seconds for m in models])),
     ))
 
-    best_single = max(models, key=lambda m: (fixed[m].means[SELECTION_METRIC], -models.index(m)))
+    best_single = max(models, key=lambda m: (sign * fixed[m].means[SELECTION_METRIC], -models.index(m)))
     base = fixed[best_single].means[SELECTION_METRIC]
-    headroom = next(r for r in rows if r.strategy == "oracle").means[SELECTION_METRIC] - base
+    headroom = sign * (next(r for r in rows if r.strategy == "oracle").means[SELECTION_METRIC] - base)
     for row in rows:
-        row.gain_over_best_single = row.means[SELECTION_METRIC] - base
+        # Gains are improvements: positive when better, whichever way the metric points.
+        row.gain_over_best_single = sign * (row.means[SELECTION_METRIC] - base)
         row.oracle_gain_captured = row.gain_over_best_single / headroom if headroom > 1e-9 else math.nan
     return StrategyComparison(rows, files, best_single, adaptive_row.oracle_gain_captured, left_out)
 
 
 def write_strategies(out_dir: str | os.PathLike[str], comparison: StrategyComparison) -> Path:
-    return write_csv_atomic(Path(out_dir) / STRATEGIES_CSV, STRATEGY_COLUMNS, (r.as_row() for r in comparison.rows))
+    return write_strategies_csv(out_dir, (r.as_row() for r in comparison.rows))
 
 
 def load_choices(
@@ -281,15 +268,15 @@ def load_choices(
     if fallback_model is None and recorded.is_file():
         fallback_model = json.loads(recorded.read_text(encoding="utf-8")).get("fallback_model")
     fallback = fallback_model or KEEP_NOISY
-    rows = _read_csv(out_dir / RECOMMENDATIONS_CSV)
+    rows = read_recommendations(out_dir)
     if not rows:
         rows = [
             {"file": r["file"], "recommendation": r["group"],
              "routed_model": r["routed_model"] or routed_model_for(r["group"], fallback)}
-            for r in _read_csv(out_dir / "evaluation.csv")
+            for r in read_evaluation(out_dir)
         ]
     if not rows:
-        raise FileNotFoundError(f"{out_dir}: neither {RECOMMENDATIONS_CSV} nor evaluation.csv to compare")
+        raise FileNotFoundError(f"{out_dir}: neither {RECOMMENDATIONS_CSV} nor {EVALUATION_CSV} to compare")
     for row in rows:
         row["noisy_copy"] = f"{rec_folder_name(row['recommendation'])}/{row['file']}"
     return rows, fallback
@@ -303,13 +290,6 @@ def inference_seconds_per_file(out_dir: str | os.PathLike[str]) -> float:
     timing = json.loads(path.read_text(encoding="utf-8")).get("inference", {})
     files = int(timing.get("files", 0))
     return float(timing.get("seconds", 0.0)) / files if files else math.nan
-
-
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
 
 
 def measure_dnsmos_seconds_per_file(
@@ -357,7 +337,7 @@ def _time_dnsmos(sample: Sequence[str | os.PathLike[str]]) -> float:
 
 def format_strategies(comparison: StrategyComparison) -> str:
     """The headline numbers and the strategy table, for the terminal."""
-    metrics = [m for m in PRINTED_METRICS if any(math.isfinite(r.means.get(m, math.nan)) for r in comparison.rows)]
+    metrics = [m for m in HEADLINE_METRICS if any(math.isfinite(r.means.get(m, math.nan)) for r in comparison.rows)]
     adaptive = comparison.row("adaptive")
     best = comparison.row(f"always_{comparison.best_single}")
     oracle = comparison.row("oracle")
@@ -397,8 +377,6 @@ def _num(value: float) -> str:
 
 
 __all__ = [
-    "STRATEGIES_CSV",
-    "STRATEGY_COLUMNS",
     "EnhancementScores",
     "StrategyComparison",
     "StrategyRow",

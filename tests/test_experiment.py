@@ -90,3 +90,19 @@ def test_tables_only_without_a_finished_run_is_a_clear_error(tmp_path: Path) -> 
                          cwd=tmp_path)
     assert result.returncode == 2
     assert "run.json: not found" in result.stderr and "resume" in result.stderr
+
+
+def test_tables_print_the_label_rule_the_enhancement_runs_recorded(tmp_path) -> None:
+    from serec.experiment import label_rule_text
+    from serec.labels import LabelRule
+    from serec.runinfo import write_run_json
+
+    assert "not recorded" in label_rule_text(tmp_path)
+    relative = LabelRule("pesq_wb", "relative", min_gain=0.1)
+    for split in ("train", "test"):
+        write_run_json(tmp_path / f"enhancement_{split}", {}, label_rule=relative.as_dict())
+    text = label_rule_text(tmp_path)
+    assert "best PESQ-WB (pesq_wb)" in text and "beats the noisy input's pesq_wb by at least 0.1" in text
+    write_run_json(tmp_path / "enhancement_test", {}, label_rule=LabelRule().as_dict())
+    text = label_rule_text(tmp_path)
+    assert "different rules" in text and "every model's dnsmos_ovr <= 2" in text

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from serec.labels import ALL_FAILED, LabelRule, label_columns, label_files, label_one
+from serec.labels import ALL_FAILED, LabelRule, label_files, label_one
+from serec.schema import label_columns
 
 MODELS = ["rnnoise", "webrtc", "speex"]
 
@@ -68,3 +69,18 @@ def test_label_files_builds_contract_rows() -> None:
     assert a["label"] == ALL_FAILED and a["best_model"] == "rnnoise" and a["best_ovr"] == 1.9
     assert b["label"] == "speex" and math.isnan(b["webrtc_ovr"]) and b["rnnoise_ovr"] == 2.5
     assert list(a) == label_columns(MODELS)
+
+
+def test_lower_is_better_metrics_label_the_lowest_and_fail_above_the_threshold(monkeypatch) -> None:
+    from serec.quality import METRICS, MetricSpec
+
+    monkeypatch.setitem(METRICS, "distortion", MetricSpec("distortion", False, 16000, "toy", "DIST",
+                                                          higher_is_better=False))
+    absolute = LabelRule("distortion", threshold=0.5)
+    assert label_one({"rnnoise": 0.3, "webrtc": 0.1, "speex": 0.2}, MODELS, absolute)[:2] == ("webrtc",) * 2
+    assert label_one({"rnnoise": 0.6, "webrtc": 0.5}, MODELS, absolute)[:2] == (ALL_FAILED, "webrtc")
+    relative = LabelRule("distortion", "relative", min_gain=0.1)
+    assert label_one({"rnnoise": 0.35}, MODELS, relative, noisy_score=0.5)[0] == "rnnoise"
+    assert label_one({"rnnoise": 0.45}, MODELS, relative, noisy_score=0.5)[0] == ALL_FAILED
+    with pytest.raises(ValueError, match="label metric"):
+        LabelRule("loudness")

@@ -14,8 +14,10 @@ from pathlib import Path
 
 from serec.enhancement import EnhancementConfig, format_failures, format_summary, run_enhancement
 from serec.enhancers import DEFAULT_MODELS, EnhancerUnavailable, available_enhancers
-from serec.labels import LabelRule
+from serec.exitcodes import ExitStatus
+from serec.labels import LABEL_POLICIES, LabelRule
 from serec.lock import OutputLocked
+from serec.quality import METRIC_NAMES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,11 +31,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models_config", type=Path, help="TOML file configuring external models (SGMSE, StoRM, CDiffuSE)")
     parser.add_argument("--all_failed_threshold", type=float, default=2.0,
                         help="absolute policy: All_Failed when every model's label metric <= this")
-    parser.add_argument("--all_failed_policy", choices=["absolute", "relative"], default="absolute")
+    parser.add_argument("--all_failed_policy", choices=LABEL_POLICIES, default="absolute")
     parser.add_argument("--min_gain", type=float, default=0.0,
                         help="relative policy: All_Failed when no model beats the noisy input by this much")
-    parser.add_argument("--label_metric", default="dnsmos_ovr",
-                        choices=["dnsmos_ovr", "dnsmos_sig", "dnsmos_bak", "dnsmos_p808", "pesq_wb", "stoi", "estoi", "si_sdr"])
+    parser.add_argument("--label_metric", default="dnsmos_ovr", choices=METRIC_NAMES,
+                        help="the metric that picks each file's best model (its labels.csv columns "
+                        "are still named <MODEL>_ovr and best_ovr)")
     parser.add_argument("--num_workers", type=int, default=1, help="single-threaded worker processes")
     parser.add_argument("--device", default="cpu", help="device for external models (cpu, cuda, cuda:1)")
     parser.add_argument("--limit", type=int, help="only the first N files (sorted by name)")
@@ -70,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_enhancement(config)
     except (EnhancerUnavailable, OutputLocked, FileNotFoundError, ValueError) as exc:
         print(f"enhancement_driver: error: {exc}", file=sys.stderr)
-        return 2
+        return ExitStatus.USAGE
     except KeyboardInterrupt:
         print("\ninterrupted: completed pairs are kept; run the same command to resume", file=sys.stderr)
-        return 130
+        return ExitStatus.INTERRUPTED
     print(format_summary(summary))
     if summary.failures:
         print(format_failures(summary), file=sys.stderr)

@@ -32,12 +32,12 @@ import numpy as np
 import pandas as pd
 
 from serec.audio import SAMPLE_RATE, load_audio
-from serec.enhancement import SCORES_CSV
 from serec.enhancers import create_enhancer
 from serec.experiment import markdown_table
 from serec.fileio import write_csv_atomic
 from serec.labels import NOISY_SYSTEM
 from serec.parallel import use_single_thread
+from serec.schema import SCORES_CSV
 
 MEANS = {"dnsmos_sig": "SIG", "dnsmos_bak": "BAK", "dnsmos_ovr": "OVR", "pesq_wb": "PESQ-WB",
          "stoi": "STOI", "si_sdr": "SI-SDR"}

@@ -34,11 +34,12 @@ from serec.audio import (
 )
 from serec.enhancer_jobs import EnhancerJob, enhancer_units
 from serec.enhancers import Enhancer, create_enhancer, load_models_config
+from serec.exitcodes import ExitStatus
 from serec.fileio import RowLog, csv_text, write_text_atomic
-from serec.labels import NOISY_SYSTEM, LabelRule, label_columns, label_files
+from serec.labels import NOISY_SYSTEM, LabelRule, label_files
 from serec.lock import output_lock
 from serec.parallel import Backend, LocalBackend, WorkUnit, run_units
-from serec.quality import QualityScorer
+from serec.quality import METRIC_NAMES, QualityScorer
 from serec.runinfo import (
     check_model_settings,
     check_scoring_settings,
@@ -46,24 +47,7 @@ from serec.runinfo import (
     settings_record,
     write_run_json,
 )
-
-METRIC_COLUMNS = [
-    "dnsmos_sig",
-    "dnsmos_bak",
-    "dnsmos_ovr",
-    "dnsmos_p808",
-    "pesq_wb",
-    "stoi",
-    "estoi",
-    "si_sdr",
-]
-SCORE_COLUMNS = ["file", "system", "status", "error", *METRIC_COLUMNS, "seconds", "duration_s"]
-SCORES_CSV = "scores.csv"
-LABELS_CSV = "labels.csv"
-
-# Exit statuses of enhancement_driver.py (documented in the README).
-EXIT_OK = 0
-EXIT_SOME_ERRORS = 3
+from serec.schema import LABELS_CSV, SCORE_COLUMNS, SCORES_CSV, label_columns
 
 
 @dataclass
@@ -105,7 +89,7 @@ class EnhancementSummary:
 
     @property
     def exit_status(self) -> int:
-        return EXIT_SOME_ERRORS if self.errors else EXIT_OK
+        return ExitStatus.PARTIAL if self.errors else ExitStatus.OK
 
 
 class _EnhancementJob(EnhancerJob[str]):
@@ -166,10 +150,10 @@ class _EnhancementJob(EnhancerJob[str]):
         rows = {}
         scored = self._scorer.score_batch([o[1] for o in outputs], [o[2] for o in outputs])
         for (fid, audio, _, note, seconds), result in zip(outputs, scored, strict=True):
-            errors = [f"{m}: {e}" for m, e in result.errors.items() if m in METRIC_COLUMNS]
+            errors = [f"{m}: {e}" for m, e in result.errors.items() if m in METRIC_NAMES]
             if note:
                 errors.insert(0, note)
-            row = {m: result.values.get(m, math.nan) for m in METRIC_COLUMNS}
+            row = {m: result.values.get(m, math.nan) for m in METRIC_NAMES}
             row.update(
                 file=fid,
                 system=system,
@@ -183,7 +167,7 @@ class _EnhancementJob(EnhancerJob[str]):
 
 
 def _error_row(fid: str, system: str, reason: str, duration_s: float = math.nan) -> dict[str, Any]:
-    row = {c: math.nan for c in METRIC_COLUMNS}
+    row = {c: math.nan for c in METRIC_NAMES}
     row.update(
         file=fid, system=system, status="error", error=reason, seconds=math.nan, duration_s=duration_s
     )
@@ -373,7 +357,7 @@ def _metric_means(rows: list[dict[str, Any]], systems: Sequence[str]) -> dict[st
     for system in systems:
         ok = [r for r in rows if r["system"] == system and r["status"] == "ok"]
         means[system] = {}
-        for metric in [*METRIC_COLUMNS, "seconds"]:
+        for metric in [*METRIC_NAMES, "seconds"]:
             values = [float(r[metric]) for r in ok if r[metric] not in ("", None)]
             values = [v for v in values if not math.isnan(v)]
             means[system][metric] = float(np.mean(values)) if values else math.nan
@@ -392,7 +376,7 @@ def format_summary(summary: EnhancementSummary) -> str:
     total = sum(summary.label_counts.values()) or 1
     for label, count in summary.label_counts.items():
         lines.append(f"  {label:<20} {count:>6}  {100 * count / total:5.1f}%")
-    metrics = [m for m in [*METRIC_COLUMNS, "seconds"] if any(
+    metrics = [m for m in [*METRIC_NAMES, "seconds"] if any(
         not math.isnan(v.get(m, math.nan)) for v in summary.metric_means.values())]
     lines += ["", "mean per system:", "  " + f"{'system':<18}" + "".join(f"{m:>12}" for m in metrics)]
     for system, values in summary.metric_means.items():
@@ -415,9 +399,6 @@ def format_failures(summary: EnhancementSummary, limit: int = 5) -> str:
 
 
 __all__ = [
-    "EXIT_OK",
-    "EXIT_SOME_ERRORS",
-    "SCORE_COLUMNS",
     "EnhancementConfig",
     "EnhancementSummary",
     "format_failures",

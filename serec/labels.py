@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from serec.quality import METRIC_NAMES, METRICS
-from serec.schema import label_columns, label_score_column
+from serec.schema import label_score_column
 
 ALL_FAILED = "All_Failed"
 NOISY_SYSTEM = "noisy"
@@ -136,9 +136,3 @@ def _as_float(value: object) -> float | None:
         return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return None
-
-
-# label_columns: labels.csv's columns (defined in serec.schema), for the step that writes it.
-__all__ = ["ALL_FAILED", "LABEL_POLICIES", "NOISY_SYSTEM", "AllFailedPolicy", "LabelRule",
-           "label_columns", "label_files", "label_one"]
-

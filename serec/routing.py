@@ -30,14 +30,11 @@ from serec.enhancers import Enhancer, create_enhancer
 from serec.fileio import RowLog, atomic_path, csv_text, write_text_atomic
 from serec.labels import ALL_FAILED
 from serec.parallel import Backend, LocalBackend, WorkUnit, run_units
+from serec.schema import RECOMMENDATIONS_CSV, RECOMMENDER_JSON, ROUTING_COLUMNS, ROUTING_CSV
 
 # The recommendation step's output folder (OUT): these names are its layout.
 REC_PREFIX = "rec_"
 ENHANCED_DIR = "enhanced"
-ROUTING_CSV = "routing.csv"
-RECOMMENDATIONS_CSV = "recommendations.csv"
-RECOMMENDER_JSON = "recommender.json"
-ROUTING_COLUMNS = ["file", "recommendation", "routed_model", "status", "error", "seconds", "duration_s"]
 # The registry's passthrough enhancer: `--fallback_model none` keeps the noisy input.
 KEEP_NOISY = "none"
 

@@ -16,7 +16,7 @@ import pytest
 import soundfile as sf
 
 from serec.audio import write_wav
-from serec.enhancement import SCORE_COLUMNS
+from serec.schema import SCORE_COLUMNS
 from serec.synth import NOISE_KINDS, speech_like
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def baseline(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path
 def test_outputs_follow_the_contract(baseline: tuple[Path, Path, Path]) -> None:
     noisy, _, out = baseline
     scores = read_csv(out / "scores.csv")
-    assert list(scores[0]) == SCORE_COLUMNS
+    assert list(scores[0]) == list(SCORE_COLUMNS)
     assert len(scores) == 4 * (len(MODELS) + 1)
     assert {r["system"] for r in scores} == {"noisy", *MODELS}
     assert all(r["status"] == "ok" for r in scores)

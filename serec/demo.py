@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from serec.audio import load_audio, write_wav
+from serec.enhancers import DEFAULT_MODELS
 from serec.fileio import write_json_atomic
 from serec.pipeline import (
     PipelineConfig,
@@ -113,10 +114,8 @@ ESPEAK_SPEAKERS = (
 # Stationary coloured noise, babble, tonal hum, impulsive bursts, amplitude-modulated noise.
 DEMO_NOISES = ("pink", "brown", "babble", "hum", "impulsive", "modulated")
 NOISE_SECONDS = 8.0
-# The default built-ins without RNNoise: on this corpus RNNoise has the best DNSMOS OVR on
-# about 80% of the files (39 of 48 in a trial run), which leaves the expert few examples
-# of the other models to learn from; without it no model is best on more than about half.
-DEMO_MODELS = ("webrtc", "speex", "spectral_gating", "spectral_gating_stationary")
+# The enhancement driver's default zoo (one model per family, neural and DSP).
+DEMO_MODELS = DEFAULT_MODELS
 CORPUS_JSON = "corpus.json"
 
 
@@ -293,8 +292,7 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
     p.add_argument("--num_mixtures", type=int, default=DemoConfig.num_mixtures,
                    help="mixtures to make; a quarter of the speakers are held out as new recordings")
     p.add_argument("--models", nargs="+", default=list(DEMO_MODELS),
-                   help="enhancers to compare (RNNoise is left out by default: it wins most files "
-                   "of this corpus, leaving the expert little to learn)")
+                   help="enhancers to compare (the enhancement driver's default zoo)")
     p.add_argument("--n_folds", type=int, default=DemoConfig.n_folds, help="recommender folds")
     p.add_argument("--num_epochs", type=int, default=DemoConfig.num_epochs, help="recommender epochs")
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),

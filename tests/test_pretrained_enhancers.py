@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from serec.enhancers import (
+    DEFAULT_MODELS,
     EnhancementError,
     EnhancerUnavailable,
     PretrainedEnhancer,
@@ -58,6 +59,8 @@ def test_registered_checked_and_installed() -> None:
         enhancer = create_enhancer(name)
         assert isinstance(enhancer, PretrainedEnhancer) and enhancer.kind == "builtin"
         enhancer.check()  # the wheels are installed and every weight file has its sha256
+    # The default zoo spans families: deep filtering, mask, time domain, RNNoise, DSP.
+    assert {"deepfilternet3", "gtcrn", "convtasnet", "rnnoise"} <= set(DEFAULT_MODELS) and len(DEFAULT_MODELS) == 5
 
 
 @pytest.mark.parametrize("name", PRETRAINED)

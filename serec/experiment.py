@@ -18,18 +18,15 @@ from typing import Any
 import pandas as pd
 
 from serec.fileio import write_json_atomic, write_text_atomic
+from serec.labels import LabelRule
 from serec.lock import OutputLocked, output_lock
 from serec.pipeline import REPO_ROOT, PipelineConfig, PipelineError, bound_steps, run_steps, shown
-from serec.runinfo import write_run_json
+from serec.quality import METRIC_NAMES, METRICS
+from serec.runinfo import RUN_JSON, write_run_json
 
 TIMINGS_JSON = "timings.json"
 TABLES_MD = "tables.md"
 SPLITS = ("train", "test")
-# Columns of scores.csv in the per-model table, with their headings.
-SCORE_COLUMNS = {
-    "dnsmos_sig": "SIG", "dnsmos_bak": "BAK", "dnsmos_ovr": "OVR", "dnsmos_p808": "P808",
-    "pesq_wb": "PESQ-WB", "stoi": "STOI", "estoi": "ESTOI", "si_sdr": "SI-SDR",
-}
 F1_TITLES = {
     "two_stage": "two-stage (gatekeeper + hybrid expert)",
     "two_stage_tuned": "two-stage, threshold tuned on inner folds",
@@ -114,6 +111,25 @@ def both_splits(work_dir: Path, name: str) -> pd.DataFrame:
     return pd.concat([pd.read_csv(work_dir / f"enhancement_{split}" / name) for split in SPLITS])
 
 
+def label_rule_text(work_dir: Path) -> str:
+    """The label rule the enhancement runs recorded in their run.json, in words."""
+    rules = {}
+    for split in SPLITS:
+        path = work_dir / f"enhancement_{split}" / RUN_JSON
+        recorded = json.loads(path.read_text()).get("label_rule") if path.is_file() else None
+        rules[split] = LabelRule(**recorded) if recorded else None
+    known = {rule for rule in rules.values() if rule is not None}
+    if not known:
+        return "Labels: the rule is not recorded in the enhancement runs' run.json."
+    if len(known) > 1 or None in rules.values():
+        return "Labels: the two splits were labelled by different rules: " + "; ".join(
+            f"{split}: {rule.describe() if rule else 'not recorded'}" for split, rule in rules.items()
+        ) + "."
+    rule = known.pop()
+    return (f"Labels: the model with the best {METRICS[rule.metric].heading} ({rule.metric}) per "
+            f"file; {rule.describe()} (from the enhancement runs' run.json).")
+
+
 def labelled_mixtures(work_dir: Path, classes: Mapping[str, str]) -> pd.DataFrame:
     """metadata.csv of the mixtures joined with both splits' labels, plus a noise_class column."""
     metadata = pd.read_csv(work_dir / "mixtures" / "metadata.csv")
@@ -155,8 +171,7 @@ def dataset_section(work_dir: Path, config: Mapping[str, Any], classes: Mapping[
         "## Dataset",
         f"Corpus: clean `{config['clean_dir']}`, noise `{config['noise_dir']}`. "
         f"{len(table)} mixtures at SNR {', '.join(_fmt(s, 0) for s in snrs)} dB, split by speaker "
-        f"({len(overlap)} speakers in both splits). Labels: the model with the best DNSMOS OVR per "
-        "file (`All_Failed` when no model beats the noisy input).",
+        f"({len(overlap)} speakers in both splits). {label_rule_text(work_dir)}",
         markdown_table(["split", "mixtures", "speakers", "clean files", "noise files", "noise classes", "hours"], rows),
         "### Label distribution by SNR (files, row %)",
         label_distribution(table, "snr_db", "SNR dB"),
@@ -177,7 +192,7 @@ def model_scores_section(work_dir: Path) -> str:
     rows = []
     for system, group in scores.groupby("system", sort=False):
         ok = group[group.status == "ok"]
-        means = [_fmt(float(ok[c].mean())) if c in ok else "" for c in SCORE_COLUMNS]
+        means = [_fmt(float(ok[c].mean())) if c in ok else "" for c in METRIC_NAMES]
         rtf = ok.seconds.sum() / ok.duration_s.sum() if system != "noisy" else float("nan")
         best = "" if system == "noisy" else _count_pct(int(wins.get(system, 0)), len(labels))
         rows.append([system, len(ok), len(group) - len(ok), *means, _fmt(rtf, 4), best])
@@ -185,8 +200,10 @@ def model_scores_section(work_dir: Path) -> str:
         "## Mean scores per model",
         f"All {scores.file.nunique()} mixtures of both splits (`enhancement_train/` and "
         "`enhancement_test/` scores.csv; errors left out of the means). RTF = enhancement "
-        "seconds / audio seconds on one core; best = files where the model has the best OVR.",
-        markdown_table(["model", "files", "errors", *SCORE_COLUMNS.values(), "RTF", "best"], rows),
+        "seconds / audio seconds on one core; best = files labelled with the model (its label "
+        "metric is the best and passes the label rule).",
+        markdown_table(["model", "files", "errors", *(METRICS[m].heading for m in METRIC_NAMES),
+                        "RTF", "best"], rows),
     ])
 
 

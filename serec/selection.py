@@ -39,6 +39,7 @@ from serec.policies import (
 )
 from serec.predictor import QualityPredictor, crossed_folds
 from serec.quality import METRICS
+from serec.schema import SELECTION_METRICS, write_selection_csv
 from serec.strategies import EnhancementScores, read_enhancement_scores
 
 SELECTOR_FORMAT = 1
@@ -246,3 +247,199 @@ def cost_curve(selector: Mapping[str, Any], predicted: np.ndarray) -> list[tuple
         (lam, [models[i] for i in cost_aware(predicted, selector["seconds_per_audio_s"], lam)])
         for lam in COST_LAMBDA_SWEEP
     ]
+
+
+# ---------------------------------------------------------------------------------------
+# Scoring the policies on an evaluated test split
+
+@dataclass
+class PolicyTiming:
+    """Measured seconds per file: features + prediction, and one DNSMOS scoring of an output."""
+
+    recommender_s: float = math.nan
+    dnsmos_s: float = math.nan
+
+
+def _row(
+    name: str,
+    description: str,
+    chosen: Sequence[str],
+    ran: Sequence[Sequence[str]],
+    data: GainData,
+    label_metric: str,
+    baseline: Sequence[str],
+    oracle: Sequence[str],
+    recommender_s: float,
+    dnsmos_s: float,
+    seed: int,
+) -> dict[str, Any]:
+    from serec.bootstrap import captured_share, mean_difference
+
+    files, scores = data.files, data.scores
+
+    def per_file(choice: Sequence[str], metric: str) -> np.ndarray:
+        return np.array([scores.value(f, m, metric) for f, m in zip(files, choice, strict=True)])
+
+    values = per_file(chosen, label_metric)
+    base, best = per_file(baseline, label_metric), per_file(oracle, label_metric)
+    gain = mean_difference(values, base, seed=seed)
+    share = captured_share(values, base, best, seed=seed)
+    pesq = np.array([[scores.value(f, m, "pesq_wb") for m in data.models] for f in files])
+    has_pesq = np.isfinite(pesq).all(axis=1)
+    pesq_best = [data.models[j] for j in np.argmax(np.where(np.isfinite(pesq), pesq, -np.inf), axis=1)]
+    agreement = (float(np.mean([c == p for c, p, ok in zip(chosen, pesq_best, has_pesq, strict=True) if ok]))
+                 if has_pesq.any() else math.nan)
+    enhancer_s = float(sum(scores.seconds.get((f, m), math.nan) for f, models in zip(files, ran, strict=True)
+                           for m in models))
+    verified = sum(len(models) for models in ran) if name.startswith("verify") else 0
+    total = enhancer_s + len(files) * (recommender_s if math.isfinite(recommender_s) else 0.0) + verified * (
+        dnsmos_s if math.isfinite(dnsmos_s) else 0.0)
+    return {
+        "strategy": name, "description": description, "files": len(files),
+        **{m: float(np.nanmean(per_file(chosen, m))) for m in SELECTION_METRICS},
+        "gain_vs_best_single": gain.estimate, "gain_ci_low": gain.low, "gain_ci_high": gain.high,
+        "oracle_gain_captured": share.estimate, "captured_ci_low": share.low, "captured_ci_high": share.high,
+        "regret": float(np.nanmean(best - values)),
+        "enhancer_seconds": enhancer_s, "recommender_seconds": recommender_s * len(files),
+        "dnsmos_seconds": verified * dnsmos_s, "total_seconds": total,
+        "pesq_best_agreement": agreement,
+    }
+
+
+def evaluate_selector(
+    selector: Mapping[str, Any],
+    predictor: QualityPredictor,
+    labels_csv: str | os.PathLike[str],
+    feat_dir: str | os.PathLike[str],
+    *,
+    timing: PolicyTiming | None = None,
+    cost_lambda: float = DEFAULT_COST_LAMBDA,
+    verify_k: int = DEFAULT_VERIFY_K,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Every policy, every fixed model and the oracle on an evaluated split, with bootstrap CIs.
+
+    The baseline of the gain, its interval and the captured share is the best single model
+    on these files (the strictest fixed baseline); the oracle is the best model per file by
+    the label metric. Compute is summed over the files: the enhancers each strategy runs
+    (their measured seconds in scores.csv), the recommender (features + prediction) and,
+    for verify policies, one DNSMOS scoring per candidate.
+    """
+    label_metric = selector["label_metric"]
+    data = load_gain_data(labels_csv, feat_dir, label_metric)
+    if data.models != list(selector["models"]):
+        raise SelectionError(f"{labels_csv}: models {data.models} differ from the selector's {selector['models']}")
+    if data.feature_names != predictor.feature_names:
+        raise SelectionError(f"{feat_dir}: feature names differ from those the predictor was trained on "
+                             f"(feature set {selector['feature_set']}); recompute them with that feature set")
+    timing = timing or PolicyTiming()
+    complete = np.all(np.isfinite(data.gains), axis=1)
+    if not complete.all():
+        keep = np.flatnonzero(complete)
+        data = GainData([data.files[i] for i in keep], data.models, data.features[keep], data.feature_names,
+                        data.gains[keep], data.scores)
+    predicted, _ = predictor.predict(data.features)
+    verified = np.array([[data.scores.value(f, m, VERIFY_METRIC) for m in data.models] for f in data.files])
+    means = np.nanmean(data.gains, axis=0)
+    best_single = data.models[int(np.argmax(means))]
+    oracle = [data.models[j] for j in np.argmax(data.gains, axis=1)]
+    baseline = [best_single] * len(data.files)
+
+    def row(name: str, description: str, chosen: Sequence[str], ran: Sequence[Sequence[str]],
+            recommender_s: float = 0.0) -> dict[str, Any]:
+        return _row(name, description, chosen, ran, data, label_metric, baseline, oracle, recommender_s,
+                    timing.dnsmos_s, seed)
+
+    rows = [row(c.name, c.description, c.chosen, c.ran, timing.recommender_s)
+            for c in choose(selector, predicted, verified, cost_lambda=cost_lambda, verify_k=verify_k)]
+    rows += [row(f"always_{m}", f"always {m}" + (" (best single model on these files)" if m == best_single else ""),
+                 [m] * len(data.files), [[m]] * len(data.files)) for m in data.models]
+    rows.append(row("oracle", f"best model per file by {label_metric}, known for free", oracle,
+                    [[m] for m in oracle]))
+    rows += [row(f"cost_aware@{lam:g}", f"cost_aware at lambda {lam:g}", chosen, [[m] for m in chosen],
+                 timing.recommender_s) for lam, chosen in cost_curve(selector, predicted)]
+    base_seconds = next(r["total_seconds"] for r in rows if r["strategy"] == f"always_{best_single}")
+    for r in rows:
+        r["compute_vs_best_single"] = r["total_seconds"] / base_seconds if base_seconds > 0 else math.nan
+    return rows
+
+
+def measure_timing(selector: Mapping[str, Any], predictor: QualityPredictor, noisy_paths: Sequence[Path],
+                   max_files: int = 8) -> PolicyTiming:
+    """Seconds per file on this machine, one process: features + prediction, and DNSMOS on one output."""
+    import time
+
+    from serec.features import file_features
+    from serec.parallel import use_single_thread
+    from serec.strategies import measure_dnsmos_seconds_per_file
+
+    use_single_thread()
+    sample = list(noisy_paths)[:max_files]
+    if not sample:
+        return PolicyTiming()
+    file_features(sample[0], selector["feature_set"])  # loads the ONNX sessions outside the timing
+    started = time.perf_counter()
+    for path in sample:
+        predictor.predict(file_features(path, selector["feature_set"])[None, :])
+    recommender_s = (time.perf_counter() - started) / len(sample)
+    return PolicyTiming(recommender_s, measure_dnsmos_seconds_per_file(sample, max_files))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m serec.selection train|evaluate: the quality selector from the shell."""
+    import argparse
+    import sys
+
+    from serec.audio import list_audio_files
+    from serec.exitcodes import ExitStatus
+    from serec.runinfo import write_run_json
+
+    parser = argparse.ArgumentParser(prog="python -m serec.selection", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="fit the predictor and the policies' settings on a training split")
+    train.add_argument("--labels_csv", type=Path, required=True, help="enhancement_driver's labels.csv (training split)")
+    train.add_argument("--features_dir", type=Path, required=True,
+                       help="preprocess_features.py output for the same noisy files (e.g. --feature_set dnsmos_embed)")
+    train.add_argument("--metadata_csv", type=Path, required=True, help="mixing metadata.csv (speaker, noise_source)")
+    train.add_argument("--output", type=Path, required=True, help="the selector checkpoint (.pth) to write")
+    train.add_argument("--label_metric", default="dnsmos_ovr", choices=list(METRICS))
+    train.add_argument("--n_folds", type=int, default=DEFAULT_FOLDS)
+    train.add_argument("--seed", type=int, default=0)
+    evaluate = sub.add_parser("evaluate", help="score every policy on an evaluated test split")
+    evaluate.add_argument("--selector", type=Path, required=True, help="checkpoint written by train")
+    evaluate.add_argument("--labels_csv", type=Path, required=True, help="enhancement_driver's labels.csv (test split)")
+    evaluate.add_argument("--features_dir", type=Path, required=True, help="features of the test split's noisy files")
+    evaluate.add_argument("--noisy_dir", type=Path, help="the test split's noisy files, to time the recommender and DNSMOS")
+    evaluate.add_argument("--output_dir", type=Path, required=True, help=f"where {Path('selection.csv')} goes")
+    evaluate.add_argument("--cost_lambda", type=float, default=DEFAULT_COST_LAMBDA)
+    evaluate.add_argument("--verify_k", type=int, default=DEFAULT_VERIFY_K)
+    evaluate.add_argument("--seed", type=int, default=0, help="bootstrap resampling seed")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            selector = train_selector(args.labels_csv, args.features_dir, args.metadata_csv, args.output,
+                                      label_metric=args.label_metric, n_folds=args.n_folds, seed=args.seed)
+            write_run_json(args.output.parent, args, selector_training=selector["training"])
+            print(f"selector: {args.output} (best single {selector['best_single']}, safe margin "
+                  f"{selector['margin']:g}, {selector['training']['files']} files)")
+            return ExitStatus.OK
+        selector, predictor = load_selector(args.selector)
+        timing = (measure_timing(selector, predictor, list_audio_files(args.noisy_dir))
+                  if args.noisy_dir else PolicyTiming())
+        rows = evaluate_selector(selector, predictor, args.labels_csv, args.features_dir, timing=timing,
+                                 cost_lambda=args.cost_lambda, verify_k=args.verify_k, seed=args.seed)
+        path = write_selection_csv(args.output_dir, rows)
+        write_run_json(args.output_dir, args, timing=vars(timing))
+    except (SelectionError, FileNotFoundError, ValueError) as exc:
+        print(f"serec.selection: error: {exc}", file=sys.stderr)
+        return ExitStatus.USAGE
+    for r in rows:
+        print(f"{r['strategy']:<24} {r['dnsmos_ovr']:.3f}  gain {r['gain_vs_best_single']:+.3f} "
+              f"[{r['gain_ci_low']:+.3f}, {r['gain_ci_high']:+.3f}]  captured {100 * r['oracle_gain_captured']:.0f}%  "
+              f"compute x{r['compute_vs_best_single']:.2f}")
+    print(f"policies: {path}")
+    return ExitStatus.OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -104,3 +104,43 @@ def test_selector_errors_name_the_file(runs: tuple[Path, Path], tmp_path: Path) 
     torch.save({"kind": "ast"}, tmp_path / "other.pth")
     with pytest.raises(SelectionError, match="--training_stage predictor"):
         load_selector(tmp_path / "other.pth")
+
+
+def test_cli_trains_and_scores_every_policy_with_intervals(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    train, test = runs
+    ckpt = tmp_path / "sel" / "selector.pth"
+    trained = subprocess.run(
+        [sys.executable, "-m", "serec.selection", "train", "--labels_csv", train / "enh" / "labels.csv",
+         "--features_dir", train / "feat", "--metadata_csv", train / "metadata.csv", "--output", ckpt,
+         "--n_folds", "3"], capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr
+    out = tmp_path / "eval"
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "serec.selection", "evaluate", "--selector", ckpt, "--labels_csv",
+         test / "enh" / "labels.csv", "--features_dir", test / "feat", "--output_dir", out],
+        capture_output=True, text=True, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr
+    table = pd.read_csv(out / "selection.csv").set_index("strategy")
+    for name in ("predict_best", "predict_best_safe", "cost_aware", "verify_top2", "verify_fixed_top2",
+                 "oracle", *(f"always_{m}" for m in MODELS)):
+        assert name in table.index
+    assert table.at["oracle", "oracle_gain_captured"] == pytest.approx(1.0)
+    assert table.at["oracle", "regret"] == pytest.approx(0.0)
+    best = table.loc[[f"always_{m}" for m in MODELS], "dnsmos_ovr"].idxmax()
+    assert table.at[best, "gain_vs_best_single"] == pytest.approx(0.0)
+    assert table.at[best, "compute_vs_best_single"] == pytest.approx(1.0)
+    # The planted rule is learnable: predicting beats the best fixed model, significantly.
+    assert table.at["predict_best", "gain_ci_low"] > 0
+    assert table.at["predict_best", "gain_ci_low"] <= table.at["predict_best", "gain_vs_best_single"]
+    # verify runs two models per file: at least the enhancer time of the cheaper of them
+    assert table.at["verify_top2", "enhancer_seconds"] > table.at["predict_best", "enhancer_seconds"]
+    assert (table.filter(like="cost_aware@", axis=0).shape[0]) >= 5
+    bad = subprocess.run([sys.executable, "-m", "serec.selection", "evaluate", "--selector", tmp_path / "none.pth",
+                          "--labels_csv", test / "enh" / "labels.csv", "--features_dir", test / "feat",
+                          "--output_dir", out], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "none.pth" in bad.stderr

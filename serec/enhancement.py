@@ -109,6 +109,9 @@ class _EnhancementJob(EnhancerJob[str]):
     def failed(self, unit: WorkUnit[str], reason: str) -> list[dict[str, Any]]:
         return [_error_row(fid, unit.key, reason) for fid in unit.items]
 
+    def writes_to(self) -> tuple[Path, ...]:
+        return (self.config.output_dir,)
+
     def process(self, unit: WorkUnit[str]) -> list[dict[str, Any]]:
         config, system = self.config, unit.key
         rows: dict[str, dict[str, Any]] = {}

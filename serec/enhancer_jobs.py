@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 from serec.audio import AudioError
 from serec.enhancers import EnhancementError, Enhancer, create_enhancer
-from serec.parallel import ChunkJob, WorkUnit, chunk_units
+from serec.parallel import ChunkJob, Resources, WorkUnit, chunk_units
 
 T = TypeVar("T")
 
@@ -27,13 +27,21 @@ class EnhancerJob(ChunkJob[T]):
         self.model_configs = {name: dict(table) for name, table in model_configs.items()}
         self.device = device
         self.seed = seed
-        self.external = frozenset(name for name, e in enhancers.items() if e.kind == "external")
+        # What one batch of an external model asks a cluster for (its table's num_cpus, num_gpus).
+        self.external = {
+            name: Resources(float(e.config["num_cpus"]), float(e.config["num_gpus"]))
+            for name, e in enhancers.items()
+            if e.kind == "external"
+        }
 
     def setup(self, threads: int | None) -> None:
         self._enhancers: dict[str, Enhancer] = {}
 
     def in_main(self, unit: WorkUnit[T]) -> bool:
         return unit.key in self.external
+
+    def resources(self, key: str) -> Resources:
+        return self.external.get(key, Resources())
 
     def enhancer(self, name: str) -> Enhancer:
         if name not in self._enhancers:

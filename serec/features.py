@@ -471,10 +471,15 @@ class _FeatureJob(ChunkJob[_Job]):
     sessions once, on first use, and keeps them for every chunk.
     """
 
-    def __init__(self, feature_set: str, max_seconds: Seconds | None, dnsmos: QualityScorer | None) -> None:
+    def __init__(self, feature_set: str, max_seconds: Seconds | None, dnsmos: QualityScorer | None,
+                 output_root: Path) -> None:
         self.feature_set = feature_set
         self.max_seconds = max_seconds
         self.dnsmos = dnsmos
+        self.output_root = output_root
+
+    def writes_to(self) -> tuple[Path, ...]:
+        return (self.output_root,)
 
     def process(self, unit: WorkUnit[_Job]) -> list[tuple[str, str | None]]:
         # Parallelism comes from --num_workers. A multi-threaded BLAS on these small matrices
@@ -654,7 +659,7 @@ def _extract_locked(
     units = chunk_units("features", jobs, max(1, min(8, len(jobs) // (4 * workers))))
     # Route warnings through tqdm so they do not break the progress bar.
     with logging_redirect_tqdm():
-        run_units(_FeatureJob(spec.name, max_seconds, scorer), units, backend, record,
+        run_units(_FeatureJob(spec.name, max_seconds, scorer, output_root), units, backend, record,
                   desc="features", show=progress)
     return FeatureRunSummary(
         output_root=output_root,

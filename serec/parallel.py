@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from threadpoolctl import threadpool_limits
@@ -69,6 +70,14 @@ class WorkUnit(Generic[T]):
     items: tuple[T, ...]
 
 
+@dataclass(frozen=True)
+class Resources:
+    """What one unit of a key needs from a cluster backend (a local worker is one CPU)."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
 def chunk_units(key: str, items: Sequence[T], size: int) -> list[WorkUnit[T]]:
     """Consecutive chunks of at most `size` items, all under one key."""
     size = max(1, size)
@@ -104,8 +113,17 @@ class ChunkJob(ABC, Generic[T]):
         """One result per item of `unit` recording that it failed for `reason`."""
 
     def in_main(self, unit: WorkUnit[T]) -> bool:
-        """Whether the unit must run in the calling process (e.g. it starts its own subprocess)."""
+        """Whether a local backend must run the unit in the calling process (e.g. it starts
+        its own subprocess); a cluster backend runs it as a task with `resources` instead."""
         return False
+
+    def resources(self, key: str) -> Resources:
+        """What a unit of `key` needs on a cluster (default: one CPU)."""
+        return Resources()
+
+    def writes_to(self) -> tuple[Path, ...]:
+        """Folders the workers write into (a cluster backend checks every node can)."""
+        return ()
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
@@ -154,6 +172,9 @@ def after_crash(
 
 class Backend(ABC):
     """Runs work units somewhere and yields (unit, results) as units finish."""
+
+    def check(self, job: ChunkJob[Any], keys: Sequence[str]) -> None:  # noqa: B027 - local: nothing to check
+        """Raise, before any work, if units of these keys cannot run here (e.g. no GPU)."""
 
     @abstractmethod
     def run(self, job: ChunkJob[T], units: Sequence[WorkUnit[T]]) -> Iterator[tuple[WorkUnit[T], list[Any]]]:
@@ -212,6 +233,7 @@ def run_units(
     Progress: one bar (`desc`), or one per key. On Ctrl-C or an error the backend's
     workers are stopped before this returns; results already recorded stay recorded.
     """
+    backend.check(job, sorted({unit.key for unit in units}))
     totals: dict[str, int] = {}
     for unit in units:
         bar_key = unit.key if per_key else desc
@@ -399,6 +421,7 @@ __all__ = [
     "ChunkJob",
     "InProcessBackend",
     "LocalBackend",
+    "Resources",
     "WorkUnit",
     "WorkerError",
     "after_crash",

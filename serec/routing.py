@@ -173,6 +173,9 @@ class _RoutingJob(EnhancerJob[Route]):
     def failed(self, unit: WorkUnit[Route], reason: str) -> list[dict[str, Any]]:
         return [_row(route, "error", reason) for route in unit.items]
 
+    def writes_to(self) -> tuple[Path, ...]:
+        return (self.out_dir,)
+
     def process(self, unit: WorkUnit[Route]) -> list[dict[str, Any]]:
         rows: dict[str, dict[str, Any]] = {}
         inputs = []

@@ -125,6 +125,10 @@ class ExternalEnhancer(Enhancer):
         "log_file": Option(str, None, "append every subprocess's output to this file", path="path", affects_output=False),
         "num_threads": Option(int, 0, "OMP_NUM_THREADS and MKL_NUM_THREADS of the subprocess "
                               "(0: every core this process may use)", affects_output=False),
+        "num_gpus": Option(float, 0.0, "GPUs a batch asks the cluster for with --backend ray "
+                           "(1 for a diffusion model on GPU)", affects_output=False),
+        "num_cpus": Option(float, 1.0, "CPUs a batch asks the cluster for with --backend ray",
+                           affects_output=False),
     }
 
     def __init__(

@@ -20,10 +20,12 @@ import pandas as pd
 from serec.fileio import write_json_atomic, write_text_atomic
 from serec.labels import LabelRule
 from serec.lock import OutputLocked, output_lock
-from serec.pipeline import REPO_ROOT, PipelineConfig, PipelineError, bound_steps, run_steps, shown
+from serec.pipeline import PipelineConfig, PipelineError, bound_steps, run_steps, shown
 from serec.quality import METRIC_NAMES, METRICS
 from serec.runinfo import RUN_JSON, write_run_json
 
+# The source checkout, when serec runs from one (its git commit is recorded).
+REPO_ROOT = Path(__file__).resolve().parents[1]
 TIMINGS_JSON = "timings.json"
 TABLES_MD = "tables.md"
 SPLITS = ("train", "test")

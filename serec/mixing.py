@@ -34,6 +34,7 @@ from serec.audio import (
     to_pcm16,
     write_wav,
 )
+from serec.exitcodes import ExitStatus, partial_or_ok
 from serec.fileio import write_csv_atomic
 from serec.lock import output_lock
 from serec.parallel import ChunkJob, LocalBackend, WorkUnit, chunk_units, run_units
@@ -364,12 +365,12 @@ class MixingSummary:
         return len(self.rows)
 
     @property
-    def exit_status(self) -> int:
-        """0: everything made, nothing skipped; 1: output written but something skipped;
-        2: nothing could be made."""
+    def exit_status(self) -> ExitStatus:
+        """OK: everything made, nothing skipped; PARTIAL: output written but something
+        skipped; USAGE: nothing could be made."""
         if self.made == 0:
-            return 2
-        return 1 if self.skipped or self.made < self.requested else 0
+            return ExitStatus.USAGE
+        return partial_or_ok(len(self.skipped) + self.requested - self.made)
 
 
 class _SourceCache:

@@ -1,11 +1,12 @@
-"""The five scripts run in order on one corpus: the steps shared by `make demo` and the experiment."""
+"""The five steps run in order on one corpus, each through its command's `main` in this process:
+the steps shared by `make demo` and the experiment."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -15,9 +16,8 @@ from typing import Any
 
 import pandas as pd
 
+from serec.exitcodes import ExitStatus
 from serec.fileio import UnsafeFileId, atomic_path, check_file_ids
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class PipelineError(RuntimeError):
@@ -61,30 +61,50 @@ def shown(path: Path | str) -> str:
     return str(path)
 
 
-# Exit statuses that mean "finished, but some files were left out or failed": the pipeline
-# goes on and says where to look.
-PARTIAL_EXIT = {
-    "preprocessing/speech_noise_mixing.py": (1, "skipped.csv"),
-    "enhancement_driver.py": (3, "scores.csv (status=error)"),
-    "preprocess_features.py": (1, "errors.csv"),
-    "model_recommender_w_scaler.py": (1, "skipped_files.csv"),
-    "recommendation_driver.py": (3, "errors.csv, routing.csv, evaluation.csv"),
-}
+@dataclass(frozen=True)
+class Command:
+    """A step's command: the script that runs it from a checkout, and its `main` in serec.cli."""
+
+    script: str
+    module: str
+    partial_where: str  # where a run that left files out lists them
 
 
-def run_script(script: str, args: Sequence[str | Path | int | float]) -> int:
-    """Print the command line, run it with this Python, raise PipelineError on a hard failure."""
-    printed = ["python", script, *(shown(a) if isinstance(a, Path) else str(a) for a in args)]
-    print(f"$ {shlex.join(printed)}", flush=True)
-    path = REPO_ROOT / script
-    if not path.is_file():
-        raise PipelineError(f"{path}: not found; run from a source checkout (pip install -e .)")
-    status = subprocess.run([sys.executable, str(path), *map(str, args)]).returncode
-    partial_status, where = PARTIAL_EXIT[script]
-    if status == partial_status:
-        print(f"note: {script} finished but left some files out (exit {status}); see {where}", flush=True)
-    elif status != 0:
-        raise PipelineError(f"{script} failed (exit status {status}); its messages are above")
+COMMANDS = {
+    "mixing": Command("preprocessing/speech_noise_mixing.py", "serec.cli.speech_noise_mixing",
+                      "skipped.csv"),
+    "enhancement": Command("enhancement_driver.py", "serec.cli.enhancement_driver",
+                           "scores.csv (status=error)"),
+    "features": Command("preprocess_features.py", "serec.cli.preprocess_features", "errors.csv"),
+    "recommender": Command("model_recommender_w_scaler.py", "serec.cli.model_recommender_w_scaler",
+                           "skipped_files.csv"),
+    "recommendation": Command("recommendation_driver.py", "serec.cli.recommendation_driver",
+                              "errors.csv, routing.csv, evaluation.csv"),
+}  # fmt: skip
+
+
+def run_command(step: str, args: Sequence[str | Path | int | float]) -> ExitStatus:
+    """Print the step's command line, run its `main` in this process, raise PipelineError on a
+    hard failure (KeyboardInterrupt on Ctrl-C); a PARTIAL run is a note and the steps go on."""
+    command = COMMANDS[step]
+    argv = [shown(a) if isinstance(a, Path) else str(a) for a in args]
+    print(f"$ {shlex.join(['python', command.script, *argv])}", flush=True)
+    main = importlib.import_module(command.module).main
+    saved_argv = sys.argv
+    # run.json records sys.argv: the step's own command line, not the pipeline's.
+    sys.argv = [command.script, *argv]
+    try:
+        status = ExitStatus(main(argv))
+    finally:
+        sys.argv = saved_argv
+    if status == ExitStatus.INTERRUPTED:
+        raise KeyboardInterrupt
+    if status == ExitStatus.PARTIAL:
+        print(f"note: {command.script} finished but left some files out (exit {status}); "
+              f"see {command.partial_where}", flush=True)
+    elif status != ExitStatus.OK:
+        raise PipelineError(f"{command.script} failed (exit status {int(status)}); its messages "
+                            "are above")
     return status
 
 
@@ -133,7 +153,7 @@ def split_folders(mixtures: Path, output_dir: Path) -> dict[str, int]:
 
 def mixing_step(config: PipelineConfig) -> None:
     """Workflow step 1: noisy/clean pairs at -5..20 dB SNR, speakers split into train and test."""
-    run_script("preprocessing/speech_noise_mixing.py", [
+    run_command("mixing", [
         "--clean_dir", config.clean_dir, "--noise_dir", config.noise_dir,
         "--output_dir", config.path("mixtures"), "--num_mixtures", config.num_mixtures,
         "--seed", config.seed, "--test_fraction", config.test_fraction,
@@ -161,7 +181,7 @@ def split_step(config: PipelineConfig) -> None:
 def enhancement_step(config: PipelineConfig) -> None:
     """Workflow step 2: every model on every file of both splits, scored and labelled."""
     for split in ("train", "test"):
-        run_script("enhancement_driver.py", [
+        run_command("enhancement", [
             "--noisy_dir", config.path(split) / "noisy", "--clean_dir", config.path(split) / "clean",
             "--output_dir", config.path(f"enhancement_{split}"),
             *(["--models", *config.models] if config.models else []),
@@ -173,7 +193,7 @@ def enhancement_step(config: PipelineConfig) -> None:
 
 def features_step(config: PipelineConfig) -> None:
     """Workflow step 3: CE/KL features of the training files (step 5 computes the test files' itself)."""
-    run_script("preprocess_features.py", [
+    run_command("features", [
         "--base_data_dir", config.path("train") / "noisy",
         "--output_base_dir", config.path("features_train"), "--num_workers", config.num_workers,
     ])
@@ -193,13 +213,13 @@ def recommender_step(config: PipelineConfig) -> None:
         "--seed", config.recommender_seed,
     ]
     for stage in ("gatekeeper", "expert", "single", "evaluate_pipeline"):
-        run_script("model_recommender_w_scaler.py", ["--training_stage", stage, *common])
+        run_command("recommender", ["--training_stage", stage, *common])
 
 
 def recommendation_step(config: PipelineConfig) -> None:
     """Workflow step 5: route the unseen test speakers' files with fold 1's models, enhance, compare."""
     recommender = config.path("recommender")
-    run_script("recommendation_driver.py", [
+    run_command("recommendation", [
         "--noisy_speech_dir", config.path("test") / "noisy",
         "--enhanced_dir", config.path("recommendation"),
         "--gatekeeper_model_path", recommender / "gatekeeper_model_fold_1_best.pth",

@@ -337,7 +337,7 @@ def test_bad_sources_are_skipped_recorded_and_the_run_goes_on(
     rows = read_csv(out / "metadata.csv")
     assert len(rows) == summary.made == summary.requested == 6
     assert not any("nan.wav" in r["noise_source"] or "spk0009" in r["file"] for r in rows)
-    assert summary.exit_status == 1
+    assert summary.exit_status == 3
 
 
 def test_nothing_to_mix_is_reported(speech_noise_dirs: tuple[Path, Path], tmp_path: Path) -> None:

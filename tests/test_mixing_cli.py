@@ -58,11 +58,11 @@ def test_cli_end_to_end(speech_noise_dirs: tuple[Path, Path], tmp_path: Path) ->
     assert record["mixtures_made"] == 8 and record["versions"]["numpy"]
 
 
-def test_cli_reports_bad_sources_and_exits_1(speech_noise_dirs: tuple[Path, Path], tmp_path: Path) -> None:
+def test_cli_reports_bad_sources_and_exits_3(speech_noise_dirs: tuple[Path, Path], tmp_path: Path) -> None:
     clean_dir, noise_dir = speech_noise_dirs
     (noise_dir / "broken.flac").write_bytes(b"fLaC not really")
     result = run_cli("--clean_dir", clean_dir, "--noise_dir", noise_dir, "--output_dir", tmp_path / "o")
-    assert result.returncode == 1
+    assert result.returncode == 3
     assert "broken.flac: unreadable or not audio" in result.stderr.replace("noise ", "")
     assert "made 6 of 6 mixtures" in result.stdout and "skipped.csv" in result.stdout
     assert [Path(r["file"]).name for r in read_csv(tmp_path / "o" / "skipped.csv")] == ["broken.flac"]

@@ -86,7 +86,7 @@ ERROR_COLUMNS = ("file", "reason")
 log = logging.getLogger(__name__)
 
 
-class QualityScorer(Protocol):
+class DnsmosScorer(Protocol):
     """What cekl_plus needs from a DNSMOS scorer: `score(audio, sr)` -> sig/bak/ovr/p808."""
 
     def score(self, audio: np.ndarray, sr: int) -> Mapping[str, float]: ...
@@ -247,7 +247,7 @@ def _descriptors(power: np.ndarray, duration_s: float) -> np.ndarray:
     )
 
 
-def build_dnsmos(num_threads: int | None = None) -> QualityScorer:
+def build_dnsmos(num_threads: int | None = None) -> DnsmosScorer:
     """A `dnsmos.DNSMOS` scorer; RuntimeError (with the reason) when it cannot be had."""
     try:
         from dnsmos import DNSMOS
@@ -262,7 +262,7 @@ def build_dnsmos(num_threads: int | None = None) -> QualityScorer:
 
 
 @cache
-def default_dnsmos() -> QualityScorer:
+def default_dnsmos() -> DnsmosScorer:
     """One DNSMOS scorer per process (ONNX sessions are costly to build, cheap to reuse)."""
     return build_dnsmos()
 
@@ -273,7 +273,7 @@ def default_embedder() -> DnsmosEmbedder:
     return DnsmosEmbedder(num_threads=1)
 
 
-def _dnsmos_scores(audio: np.ndarray, scorer: QualityScorer) -> np.ndarray:
+def _dnsmos_scores(audio: np.ndarray, scorer: DnsmosScorer) -> np.ndarray:
     scores = scorer.score(audio, SAMPLE_RATE)
     return np.array([scores[k] for k in ("sig", "bak", "ovr", "p808")], dtype=np.float64)
 
@@ -352,7 +352,7 @@ def extract_features(
     audio: np.ndarray,
     sr: int = SAMPLE_RATE,
     feature_set: str = "cekl",
-    dnsmos: QualityScorer | None = None,
+    dnsmos: DnsmosScorer | None = None,
     duration_s: float | None = None,
 ) -> np.ndarray:
     """One feature vector (float32, feature_names(feature_set) order) for mono audio.
@@ -382,7 +382,7 @@ def file_features(
     path: str | os.PathLike[str],
     feature_set: str = "cekl",
     max_seconds: Seconds | None = DEFAULT_MAX_SECONDS,
-    dnsmos: QualityScorer | None = None,
+    dnsmos: DnsmosScorer | None = None,
 ) -> np.ndarray:
     """Feature vector of one audio file, reading only its first `max_seconds` (None: all).
 
@@ -471,7 +471,7 @@ class _FeatureJob(ChunkJob[_Job]):
     sessions once, on first use, and keeps them for every chunk.
     """
 
-    def __init__(self, feature_set: str, max_seconds: Seconds | None, dnsmos: QualityScorer | None,
+    def __init__(self, feature_set: str, max_seconds: Seconds | None, dnsmos: DnsmosScorer | None,
                  output_root: Path) -> None:
         self.feature_set = feature_set
         self.max_seconds = max_seconds

@@ -64,6 +64,11 @@ class QualityPredictor:
     num_rounds: int = DEFAULT_NUM_ROUNDS
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # Parsed boosters, built on the first predict(): parsing the model text costs far
+        # more than predicting one file. Not a field, so checkpoints stay plain text.
+        self._parsed: list[list[Any]] | None = None
+
     @classmethod
     def fit(
         cls,
@@ -126,9 +131,10 @@ class QualityPredictor:
             raise PredictorError(
                 f"expected {len(self.feature_names)} features per file, got shape {features.shape}"
             )
+        if self._parsed is None:
+            self._parsed = [[lgb.Booster(model_str=text) for text in fold] for fold in self.boosters]
         per_fold = np.stack([
-            np.column_stack([lgb.Booster(model_str=text).predict(features) for text in fold])
-            for fold in self.boosters
+            np.column_stack([booster.predict(features) for booster in fold]) for fold in self._parsed
         ])
         return per_fold.mean(axis=0), per_fold.std(axis=0)
 

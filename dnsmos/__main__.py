@@ -16,6 +16,7 @@ from dnsmos.files import score_paths, write_reference_csv
 from dnsmos.models import DnsmosModelError
 from serec.exitcodes import ExitStatus
 from serec.lock import OutputLocked, output_lock
+from serec.ray_backend import RayUnavailable, add_backend_arguments, backend_from_args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", required=True, type=Path, help="output CSV (written atomically)")
     parser.add_argument("--personalized", action="store_true", help="personalized DNSMOS (pDNSMOS) primary model")
     parser.add_argument("--num_workers", type=int, default=1, help="worker processes (default 1)")
+    add_backend_arguments(parser)
     parser.add_argument("--num_threads", type=int, default=None, help="onnxruntime threads per process (default: cores / workers)")
     parser.add_argument("--score_anyway", action="store_true",
                         help="also score silent, too short (< 0.5 s) or non-finite files, which every "
@@ -42,9 +44,10 @@ def main(argv: list[str] | None = None) -> int:
                 num_workers=args.num_workers,
                 num_threads=args.num_threads,
                 validate=not args.score_anyway,
+                backend=backend_from_args(args, args.num_workers),
             )
             out = write_reference_csv(args.csv, rows)
-    except (DnsmosModelError, OutputLocked) as exc:
+    except (DnsmosModelError, OutputLocked, RayUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitStatus.USAGE
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ from pathlib import Path
 from serec.assessment import evaluate_rec_folders, format_summary
 from serec.enhancers import load_models_config
 from serec.lock import output_lock
+from serec.parallel import Backend
 from serec.report import DEFAULT_LISTENING_ROWS, write_report
 from serec.routing import Route, copy_routed_files, enhance_routed_files
 from serec.runinfo import write_run_json
@@ -82,7 +83,7 @@ class RecommendationResult:
     report: Path
 
 
-def _route_and_enhance(config: RecommendationConfig, say: Say) -> int:
+def _route_and_enhance(config: RecommendationConfig, say: Say, backend: Backend | None) -> int:
     """Recommend, copy, enhance; returns the number of files recorded as errors."""
     # Imported here: torch and transformers take seconds to load, and eval_only needs neither.
     from serec.recommender.errors import CheckpointError
@@ -117,7 +118,7 @@ def _route_and_enhance(config: RecommendationConfig, say: Say) -> int:
         f"{copies.removed_stale} stale copies removed")
     enhanced = enhance_routed_files(
         config.enhanced_dir, routes, model_configs, device=device, seed=config.seed,
-        num_workers=config.num_workers, retry_errors=config.retry_errors,
+        num_workers=config.num_workers, retry_errors=config.retry_errors, backend=backend,
     )
     say(f"enhanced: {enhanced.done_now} now, {enhanced.skipped} already done, {enhanced.errors} errors "
         f"({enhanced.routing_csv}); enhancer seconds: "
@@ -140,8 +141,12 @@ def _compare(config: RecommendationConfig, say: Say) -> None:
     say("\n" + format_strategies(comparison) + f"\n\nstrategies: {path}")
 
 
-def run_recommendation(config: RecommendationConfig, say: Say = print) -> RecommendationResult:
+def run_recommendation(
+    config: RecommendationConfig, say: Say = print, backend: Backend | None = None
+) -> RecommendationResult:
     """Run step 5 (see the module docstring) under OUT's lock; `say` prints the progress lines.
+
+    `backend` runs the enhancement and scoring units (default: `num_workers` local processes).
 
     Raises ValueError (RecommenderError, CheckpointError), FileNotFoundError, OutputLocked
     or the enhancers' errors for problems that stop the run; files that fail are counted
@@ -151,9 +156,9 @@ def run_recommendation(config: RecommendationConfig, say: Say = print) -> Recomm
     # Every CSV of OUT is rewritten by this run: one run per OUT at a time.
     with output_lock(config.enhanced_dir, "recommendation"):
         if not config.eval_only:
-            errors += _route_and_enhance(config, say)
+            errors += _route_and_enhance(config, say, backend)
         evaluation = evaluate_rec_folders(config.enhanced_dir, config.clean_speech_dir,
-                                          num_workers=config.num_workers)  # fmt: skip
+                                          num_workers=config.num_workers, backend=backend)  # fmt: skip
         errors += evaluation.errors
         for message in evaluation.messages:
             print(f"warning: {message}", file=sys.stderr)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -24,6 +26,7 @@ ray = pytest.importorskip("ray")
 from serec.ray_backend import RayBackend, RayUnavailable, check_reachable, task_options  # noqa: E402
 
 MODELS = ["webrtc", "speex"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +147,16 @@ def test_an_unreachable_address_fails_at_once() -> None:
     with pytest.raises(RayUnavailable, match="expected HOST:PORT"):
         check_reachable("nowhere")
     assert time.monotonic() - started < 10
+
+
+def test_the_driver_refuses_an_unreachable_cluster_before_any_work(tmp_path: Path) -> None:
+    noisy, _ = make_pairs(tmp_path, 1)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "enhancement_driver.py"), "--noisy_dir", str(noisy),
+         "--output_dir", str(tmp_path / "out"), "--models", "speex", "--backend", "ray",
+         "--ray_address", "127.0.0.1:9"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "no Ray head answers there" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()

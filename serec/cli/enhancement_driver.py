@@ -18,6 +18,7 @@ from serec.exitcodes import ExitStatus
 from serec.labels import LABEL_POLICIES, LabelRule
 from serec.lock import OutputLocked
 from serec.quality import METRIC_NAMES
+from serec.ray_backend import RayUnavailable, add_backend_arguments, backend_from_args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the metric that picks each file's best model (its labels.csv columns "
                         "are still named <MODEL>_ovr and best_ovr)")
     parser.add_argument("--num_workers", type=int, default=1, help="single-threaded worker processes")
+    add_backend_arguments(parser)
     parser.add_argument("--device", default="cpu", help="device for external models (cpu, cuda, cuda:1)")
     parser.add_argument("--limit", type=int, help="only the first N files (sorted by name)")
     parser.add_argument("--overwrite", action="store_true", help="discard earlier results of these models")
@@ -70,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         dnsmos_level_db=args.dnsmos_level_db,
     )
     try:
-        summary = run_enhancement(config)
-    except (EnhancerUnavailable, OutputLocked, FileNotFoundError, ValueError) as exc:
+        backend = backend_from_args(args, args.num_workers, isolate=True)
+        summary = run_enhancement(config, backend=backend)
+    except (EnhancerUnavailable, OutputLocked, RayUnavailable, FileNotFoundError, ValueError) as exc:
         print(f"enhancement_driver: error: {exc}", file=sys.stderr)
         return ExitStatus.USAGE
     except KeyboardInterrupt:

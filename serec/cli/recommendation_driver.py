@@ -23,6 +23,7 @@ from pathlib import Path
 from serec.enhancers import EnhancerUnavailable, ModelsConfigError
 from serec.exitcodes import ExitStatus
 from serec.lock import OutputLocked
+from serec.ray_backend import RayUnavailable, add_backend_arguments, backend_from_args
 from serec.recommendation import RecommendationConfig, run_recommendation
 from serec.report import DEFAULT_LISTENING_ROWS
 from serec.routing import KEEP_NOISY
@@ -54,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--labels_csv", type=Path,
                    help="enhancement_driver's labels.csv for these files: compare strategies")
     p.add_argument("--num_workers", type=int, default=1, help="worker processes for enhancement and scoring")
+    add_backend_arguments(p)
     p.add_argument("--device", default="auto", help="torch / external model device: auto, cpu, cuda")
     p.add_argument("--batch_size", type=int, default=16, help="files per recommender batch")
     p.add_argument("--retry_errors", action="store_true", help="re-run files whose enhancement failed")
@@ -75,9 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         config = RecommendationConfig(
             **{f.name: getattr(args, f.name) for f in fields(RecommendationConfig)}
         )
-        result = run_recommendation(config)
+        result = run_recommendation(config, backend=backend_from_args(args, args.num_workers, isolate=True))
         print(f"report: {result.report}")
-    except (EnhancerUnavailable, ModelsConfigError, OutputLocked, FileNotFoundError, ValueError) as exc:
+    except (EnhancerUnavailable, ModelsConfigError, OutputLocked, RayUnavailable, FileNotFoundError,
+            ValueError) as exc:
         # RecommenderError and CheckpointError are ValueErrors.
         print(f"recommendation_driver: error: {exc}", file=sys.stderr)
         return ExitStatus.USAGE

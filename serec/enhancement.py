@@ -156,7 +156,7 @@ class _EnhancementJob(EnhancerJob[str]):
             errors = [f"{m}: {e}" for m, e in result.errors.items() if m in METRIC_NAMES]
             if note:
                 errors.insert(0, note)
-            row = {m: result.values.get(m, math.nan) for m in METRIC_NAMES}
+            row = {m: _stable(result.values.get(m, math.nan)) for m in METRIC_NAMES}
             row.update(
                 file=fid,
                 system=system,
@@ -167,6 +167,13 @@ class _EnhancementJob(EnhancerJob[str]):
             )
             rows[fid] = row
         return rows
+
+
+def _stable(value: float) -> float:
+    # numpy's vectorised sums (ESTOI's) differ in the last bits with the memory alignment
+    # of their temporaries, i.e. from process to process; 10 decimals keep every
+    # meaningful digit and make a file's scores the same wherever it was scored.
+    return round(float(value), 10) + 0.0 if math.isfinite(value) else value
 
 
 def _error_row(fid: str, system: str, reason: str, duration_s: float = math.nan) -> dict[str, Any]:

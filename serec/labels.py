@@ -3,23 +3,60 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from serec.quality import METRIC_NAMES, METRICS
 from serec.schema import label_score_column
 
 ALL_FAILED = "All_Failed"
 NOISY_SYSTEM = "noisy"
-LABEL_POLICIES = ("absolute", "relative")
 
-AllFailedPolicy = Literal["absolute", "relative"]
+
+@dataclass(frozen=True)
+class LabelPolicy:
+    """When a file's best model still counts as failed (the file is labelled All_Failed).
+
+    `failed(best, noisy, rule)` gets the best model's score and the noisy input's (None when
+    unscored), both multiplied by the metric's sign so that higher is always better;
+    `describe(rule)` says the rule in words for tables.md.
+    """
+
+    name: str
+    failed: Callable[[float, float | None, LabelRule], bool]
+    describe: Callable[[LabelRule], str]
+    needs_noisy_score: bool = False
+
+
+def _worse(rule: LabelRule) -> str:
+    return "<=" if rule.sign > 0 else ">="
+
+
+# The policies by name (--all_failed_policy); docs/architecture.md says how to add one.
+LABEL_POLICIES: dict[str, LabelPolicy] = {
+    policy.name: policy
+    for policy in (
+        LabelPolicy(
+            "absolute",  # the thesis rule
+            failed=lambda best, noisy, rule: best <= rule.sign * rule.threshold,
+            describe=lambda rule: f"All_Failed when every model's {rule.metric} "
+            f"{_worse(rule)} {rule.threshold:g}",
+        ),
+        LabelPolicy(
+            "relative",
+            failed=lambda best, noisy, rule: best - noisy < rule.min_gain,
+            describe=lambda rule: f"All_Failed when no model beats the noisy input's "
+            f"{rule.metric} by at least {rule.min_gain:g}",
+            needs_noisy_score=True,
+        ),
+    )
+}
 
 
 @dataclass(frozen=True)
 class LabelRule:
-    """How a file's scores become a label.
+    """How a file's scores become a label: the metric, the All_Failed policy and its settings.
 
     absolute (the thesis rule): All_Failed when every model scores <= `threshold`.
     relative: All_Failed when no model beats the noisy input by at least `min_gain`.
@@ -30,13 +67,14 @@ class LabelRule:
     """
 
     metric: str = "dnsmos_ovr"
-    policy: AllFailedPolicy = "absolute"
+    policy: str = "absolute"
     threshold: float = 2.0
     min_gain: float = 0.0
 
     def __post_init__(self) -> None:
         if self.policy not in LABEL_POLICIES:
-            raise ValueError(f"unknown All_Failed policy {self.policy!r}: use absolute or relative")
+            raise ValueError(f"unknown All_Failed policy {self.policy!r}: choose from "
+                             f"{', '.join(LABEL_POLICIES)}")  # fmt: skip
         if self.metric not in METRICS:
             raise ValueError(f"unknown label metric {self.metric!r}: choose from {', '.join(METRIC_NAMES)}")
 
@@ -46,12 +84,8 @@ class LabelRule:
         return 1 if METRICS[self.metric].higher_is_better else -1
 
     def describe(self) -> str:
-        """The rule in words, as tables.md and the README print it."""
-        if self.policy == "absolute":
-            worse = "<=" if self.sign > 0 else ">="
-            return f"All_Failed when every model's {self.metric} {worse} {self.threshold:g}"
-        return (f"All_Failed when no model beats the noisy input's {self.metric} by at least "
-                f"{self.min_gain:g}")
+        """The rule in words, as tables.md prints it."""
+        return LABEL_POLICIES[self.policy].describe(self)
 
     def as_dict(self) -> dict[str, Any]:
         return {"metric": self.metric, "policy": self.policy, "threshold": self.threshold,
@@ -81,12 +115,11 @@ def label_one(
             best_model, best_score = model, float(score)
     if not best_model:
         return ALL_FAILED, "", math.nan
-    if rule.policy == "absolute":
-        failed = sign * best_score <= sign * rule.threshold
-    else:
-        if not _finite(noisy_score):
-            raise ValueError("relative All_Failed policy needs the noisy input's score")
-        failed = sign * (best_score - float(noisy_score)) < rule.min_gain
+    policy = LABEL_POLICIES[rule.policy]
+    if policy.needs_noisy_score and not _finite(noisy_score):
+        raise ValueError(f"the {policy.name} All_Failed policy needs the noisy input's score")
+    noisy = sign * float(noisy_score) if _finite(noisy_score) else None
+    failed = policy.failed(sign * best_score, noisy, rule)
     return (ALL_FAILED if failed else best_model), best_model, best_score
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from serec.features import load_feature_matrix, read_features_meta
+from serec.feature_files import load_feature_matrix, read_features_meta
 from serec.fileio import atomic_path, check_file_ids
 from serec.labels import NOISY_SYSTEM
 from serec.policies import (

@@ -27,6 +27,7 @@ from serec.schema import (
     RECOMMENDATIONS_CSV,
     RECOMMENDER_JSON,
     SCORES_CSV,
+    SINGLE_COLUMN,
     read_evaluation,
     read_labels,
     read_recommendations,
@@ -161,6 +162,38 @@ def _system_for(routed_model: str) -> str:
     return NOISY_SYSTEM if routed_model == KEEP_NOISY else routed_model
 
 
+def _comparable_files(
+    recommendations: Sequence[Mapping[str, str]], scores: EnhancementScores, fallback_model: str
+) -> tuple[list[str], dict[str, str], dict[str, str], dict[str, str]]:
+    """(files every strategy is scored on, the adaptive system per file, the single model's
+    system per file, {file: reason} for the files left out)."""
+    models = scores.models
+    left_out: dict[str, str] = {}
+    files: list[str] = []
+    adaptive: dict[str, str] = {}
+    single_rec: dict[str, str] = {}
+    for row in recommendations:
+        fid = row["file"]
+        missing = [s for s in (NOISY_SYSTEM, *models) if not math.isfinite(scores.value(fid, s, SELECTION_METRIC))]
+        routed = _system_for(row["routed_model"])
+        if missing:
+            left_out[fid] = f"no {SELECTION_METRIC} in {scores.scores_csv.name} for {', '.join(missing)}"
+        elif routed not in (NOISY_SYSTEM, *models):
+            left_out[fid] = f"routed model {row['routed_model']} is not among the scored models"
+        else:
+            files.append(fid)
+            adaptive[fid] = routed
+            if row.get(SINGLE_COLUMN):
+                single_rec[fid] = _system_for(routed_model_for(row[SINGLE_COLUMN], fallback_model))
+    if not files:
+        raise ValueError(
+            f"no file has both a recommendation and scores for every model in {scores.scores_csv} "
+            f"({len(left_out)} left out, e.g. {next(iter(left_out.items()), ('', ''))}); "
+            "was enhancement_driver run on the same noisy files?"
+        )
+    return files, adaptive, single_rec, left_out
+
+
 def compare_strategies(
     recommendations: Sequence[Mapping[str, str]],
     scores: EnhancementScores,
@@ -186,29 +219,7 @@ def compare_strategies(
     models = scores.models
     if not models:
         raise ValueError(f"{scores.labels_csv}: no <MODEL>_ovr columns, so no models to compare")
-    left_out: dict[str, str] = {}
-    files: list[str] = []
-    adaptive: dict[str, str] = {}
-    single_rec: dict[str, str] = {}
-    for row in recommendations:
-        fid = row["file"]
-        missing = [s for s in (NOISY_SYSTEM, *models) if not math.isfinite(scores.value(fid, s, SELECTION_METRIC))]
-        routed = _system_for(row["routed_model"])
-        if missing:
-            left_out[fid] = f"no {SELECTION_METRIC} in {scores.scores_csv.name} for {', '.join(missing)}"
-        elif routed not in (NOISY_SYSTEM, *models):
-            left_out[fid] = f"routed model {row['routed_model']} is not among the scored models"
-        else:
-            files.append(fid)
-            adaptive[fid] = routed
-            if row.get("single_recommendation"):
-                single_rec[fid] = _system_for(routed_model_for(row["single_recommendation"], fallback_model))
-    if not files:
-        raise ValueError(
-            f"no file has both a recommendation and scores for every model in {scores.scores_csv} "
-            f"({len(left_out)} left out, e.g. {next(iter(left_out.items()), ('', ''))}); "
-            "was enhancement_driver run on the same noisy files?"
-        )
+    files, adaptive, single_rec, left_out = _comparable_files(recommendations, scores, fallback_model)
 
     rows: list[StrategyRow] = []
     adaptive_row = _choice_row("adaptive", "the recommender's routed model per file", files, adaptive, scores)

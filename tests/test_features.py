@@ -12,17 +12,15 @@ import numpy as np
 import pytest
 
 from serec.audio import load_audio, resample, write_wav
+from serec.feature_files import FeatureConfigError, load_feature_matrix, run_feature_extraction
 from serec.features import (
     CEKL_FEATURE_NAMES,
     FEATURE_SETS,
-    FeatureConfigError,
     ce_kl_matrices,
     cekl_features,
     extract_features,
     feature_names,
     file_features,
-    load_feature_matrix,
-    run_feature_extraction,
     snr_estimate_db,
     spectral_centroid_hz,
     spectral_flatness,

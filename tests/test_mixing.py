@@ -12,24 +12,25 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from serec.audio import PCM16_SCALE, SAMPLE_RATE, load_audio, write_wav
+from serec.audio import PCM16_SCALE, SAMPLE_RATE, active_mask, load_audio, write_wav
 from serec.mixing import (
-    CLIP_PEAK,
     METADATA_COLUMNS,
     MixingConfig,
     MixingError,
-    active_mask,
-    active_snr_db,
     compile_speaker_regex,
-    crossfade_length,
-    loop_noise,
-    mix_at_snr,
     mixture_name,
-    noise_segment,
-    noise_usable_under_speech,
     run_mixing,
     speaker_of,
     split_speakers,
+)
+from serec.snr_mixing import (
+    CLIP_PEAK,
+    active_snr_db,
+    crossfade_length,
+    loop_noise,
+    mix_at_snr,
+    noise_segment,
+    noise_usable_under_speech,
 )
 from serec.synth import NOISE_KINDS, coloured_noise, speech_like
 

@@ -17,7 +17,8 @@ from transformers import ASTModel
 
 from serec.audio import load_audio, to_pcm16, write_wav
 from serec.enhancers import create_enhancer
-from serec.features import feature_names, feature_path, file_features, run_feature_extraction
+from serec.feature_files import feature_path, run_feature_extraction
+from serec.features import feature_names, file_features
 from serec.fileio import write_csv_atomic, write_json_atomic
 from serec.recommender.ast_model import ASTClassifier, ASTNetwork, ast_config_for
 from serec.recommender.checkpoint import TrainingRecord, save_checkpoint

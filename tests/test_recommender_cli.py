@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from serec.audio import write_wav
-from serec.features import load_feature_matrix, run_feature_extraction
+from serec.feature_files import load_feature_matrix, run_feature_extraction
 from serec.recommender.checkpoint import load_checkpoint
 from serec.recommender.inputs import FbankCache
 from serec.recommender.kinds import ModelInputs

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from serec.audio import write_wav
-from serec.features import feature_path
+from serec.feature_files import feature_path
 from serec.recommender import inputs, neural
 from serec.recommender.checkpoint import load_checkpoint
 from serec.recommender.config import RecommenderConfig

@@ -38,11 +38,7 @@ from serec.recommender.training import SKIPPED_CSV, train_stage
 from serec.runinfo import write_run_json
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--training_stage", required=True, choices=[*STAGES, "evaluate_pipeline"])
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--labels_csv", type=Path, required=True, help="labels.csv of the enhancement driver"
     )
@@ -59,13 +55,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--cekl_features_base_dir",
         type=Path,
-        help="features folder of preprocess_features.py (hybrid, cekl, tabular baseline)",
+        help="features folder of preprocess_features.py (hybrid, logistic, tabular baseline)",
     )
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
     kind = p.add_mutually_exclusive_group()
     kind.add_argument(
         "--model_kind",
         choices=available_kinds(),
-        default="ast",
+        default=RecommenderConfig.model_kind,
         help="ast: AST on the filterbank (+ features with --use_hybrid_features); "
         "logistic_regression: on the features only",
     )
@@ -74,58 +73,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=sorted(FEATURE_TYPE_KINDS),
         help="the thesis' name for the kind: mel_spec = ast, cekl = logistic_regression",
     )
-    p.add_argument(
-        "--pretrained_models", choices=PRETRAINED_CHOICES, default="ast_finetuned_audioset"
-    )
+    p.add_argument("--pretrained_models", choices=PRETRAINED_CHOICES,
+                   default=RecommenderConfig.pretrained_models)  # fmt: skip
     p.add_argument("--ast_model_dir", type=Path, help="local copy of the pretrained AST (offline)")
-    p.add_argument(
-        "--ast_size",
-        choices=AST_SIZES,
-        default="base",
-        help="random-init preset for --pretrained_models none",
-    )
+    p.add_argument("--ast_size", choices=AST_SIZES, default=RecommenderConfig.ast_size,
+                   help="random-init preset for --pretrained_models none")  # fmt: skip
     p.add_argument(
         "--max_audio_seconds",
         type=float,
         help="AST input length for --pretrained_models none (default: 6 tiny, 10.24 "
         "small/base); longer files are cut, shorter ones padded",
     )
-    p.add_argument(
-        "--use_hybrid_features",
-        action="store_true",
-        help="join the standardised feature vector to the AST embedding",
-    )
-    p.add_argument(
-        "--use_weighted_sampler",
-        action="store_true",
-        help="draw classes equally often (class-balanced weights for the tabular model)",
-    )
-    p.add_argument("--learning_rate", type=float, default=2.5e-5)
-    p.add_argument("--weight_decay", type=float, default=1e-4)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--num_epochs", type=int, default=50)
-    p.add_argument(
-        "--patience",
-        type=int,
-        default=10,
-        help="stop after this many epochs without inner-validation improvement",
-    )
-    p.add_argument("--label_smoothing", type=float, default=0.1)
-    p.add_argument("--n_folds", type=int, default=5)
+    p.add_argument("--use_hybrid_features", action="store_true",
+                   help="join the standardised feature vector to the AST embedding")  # fmt: skip
+
+
+def _add_training_flags(p: argparse.ArgumentParser) -> None:
+    cfg = RecommenderConfig
+    p.add_argument("--use_weighted_sampler", action="store_true",
+                   help="draw classes equally often (class-balanced weights for the tabular model)")
+    p.add_argument("--learning_rate", type=float, default=cfg.learning_rate)
+    p.add_argument("--weight_decay", type=float, default=cfg.weight_decay)
+    p.add_argument("--batch_size", type=int, default=cfg.batch_size)
+    p.add_argument("--num_epochs", type=int, default=cfg.num_epochs)
+    p.add_argument("--patience", type=int, default=cfg.patience,
+                   help="stop after this many epochs without inner-validation improvement")
+    p.add_argument("--label_smoothing", type=float, default=cfg.label_smoothing)
+    p.add_argument("--n_folds", type=int, default=cfg.n_folds)
     p.add_argument("--folds", type=int, nargs="+", help="run only these fold numbers (1..n_folds)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument(
-        "--num_threads",
-        type=int,
-        default=0,
-        help="torch CPU threads (default 0: half the cores, at least 1; "
-        "oversubscribed OpenMP threads slow training tenfold on a busy machine)",
-    )
+    p.add_argument("--seed", type=int, default=cfg.seed)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=cfg.device)
+    p.add_argument("--num_threads", type=int, default=0,
+                   help="torch CPU threads (default 0: half the cores, at least 1; "
+                   "oversubscribed OpenMP threads slow training tenfold on a busy machine)")
     p.add_argument("--gatekeeper_class", help="the gatekeeper's label (default: most frequent)")
-    p.add_argument("--gatekeeper_model_path", default="gatekeeper_model_fold_{fold}_best.pth")
-    p.add_argument("--expert_model_path", default="expert_model_fold_{fold}_best_hybrid.pth")
-    p.add_argument("--single_model_path", default="single_model_fold_{fold}_best.pth")
+    for stage in STAGES:
+        p.add_argument(f"--{stage}_model_path", default=getattr(cfg, f"{stage}_model_path"),
+                                      help=f"the {stage} checkpoint of each fold ({{fold}} is filled in)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--training_stage", required=True, choices=[*STAGES, "evaluate_pipeline"])
+    _add_data_flags(p)
+    _add_model_flags(p)
+    _add_training_flags(p)
     return p.parse_args(argv)
 
 

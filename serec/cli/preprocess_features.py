@@ -16,12 +16,8 @@ import logging
 import sys
 
 from serec.exitcodes import ExitStatus
-from serec.features import (
-    DEFAULT_MAX_SECONDS,
-    FEATURE_SETS,
-    FeatureConfigError,
-    run_feature_extraction,
-)
+from serec.feature_files import FeatureConfigError, run_feature_extraction
+from serec.features import DEFAULT_MAX_SECONDS, FEATURE_SETS
 from serec.lock import output_lock
 from serec.runinfo import write_run_json
 

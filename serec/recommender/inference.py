@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,14 +20,8 @@ import numpy as np
 from tqdm import tqdm
 
 from serec.audio import AudioError, file_id, list_audio_files, load_audio
-from serec.features import (
-    DEFAULT_MAX_SECONDS,
-    FEATURE_SETS,
-    FEATURES_JSON,
-    feature_path,
-    file_features,
-    read_features_meta,
-)
+from serec.feature_files import FEATURES_JSON, feature_path, read_features_meta
+from serec.features import DEFAULT_MAX_SECONDS, FEATURE_SETS, file_features
 from serec.fileio import RowLog, csv_text, write_csv_atomic, write_json_atomic, write_text_atomic
 from serec.labels import ALL_FAILED
 from serec.recommender.checkpoint import CheckpointMetadata, load_checkpoint
@@ -39,11 +34,15 @@ from serec.recommender.stages import (
     route_two_stage,
     two_stage_proba,
 )
-from serec.routing import KEEP_NOISY, RECOMMENDATIONS_CSV, RECOMMENDER_JSON, routed_model_for
-
-ERRORS_CSV = "errors.csv"
-ERROR_COLUMNS = ("file", "reason")
-SINGLE_COLUMN = "single_recommendation"
+from serec.routing import KEEP_NOISY, routed_model_for
+from serec.schema import (
+    ERROR_COLUMNS,
+    ERRORS_CSV,
+    RECOMMENDATIONS_CSV,
+    RECOMMENDER_JSON,
+    SINGLE_COLUMN,
+    recommendation_columns,
+)
 
 log = logging.getLogger(__name__)
 
@@ -348,16 +347,6 @@ def _training_max_seconds(recommender: Recommender, names: list[str]) -> float |
 # A folder of new files -> recommendations.csv
 
 
-def recommendation_columns(class_names: Sequence[str], with_single: bool) -> list[str]:
-    return [
-        "file",
-        "recommendation",
-        *(f"p_{c}" for c in class_names),
-        "routed_model",
-        *([SINGLE_COLUMN] if with_single else []),
-    ]
-
-
 @dataclass
 class RecommendationSummary:
     files: int
@@ -406,6 +395,45 @@ def _batches(
         yield ok, prediction, errors, time.perf_counter() - started
 
 
+@dataclass
+class _RecommenderRecord:
+    """OUT/recommender.json: the checkpoints and settings the rows were predicted with, and
+    the inference seconds summed over the files predicted so far (kept across resumes)."""
+
+    path: Path
+    described: dict[str, Any]
+    fallback_model: str
+    features: FeatureSource | None
+    seconds: float = 0.0
+    files: int = 0
+
+    def resumes(self) -> bool:
+        """True when the recorded run used the same checkpoints and settings (its timing is
+        taken over); False when there is none or it differs."""
+        if not self.path.is_file():
+            return False
+        previous = json.loads(self.path.read_text(encoding="utf-8"))
+        if any(previous.get(k) != v for k, v in self.described.items()):
+            return False
+        timing = previous.get("inference", {})
+        self.seconds, self.files = float(timing.get("seconds", 0.0)), int(timing.get("files", 0))
+        return True
+
+    def save(self) -> None:
+        features = self.features
+        write_json_atomic(self.path, {
+            **self.described,
+            "fallback_model": self.fallback_model,
+            "features": None if features is None else {
+                "names": features.names,
+                "feature_set": features.feature_set,
+                "max_seconds": features.max_seconds,
+                "features_dir": str(features.features_dir) if features.features_dir else None,
+            },
+            "inference": {"seconds": round(self.seconds, 4), "files": self.files},
+        })
+
+
 def recommend_folder(
     recommender: Recommender,
     noisy_dir: str | os.PathLike[str],
@@ -428,33 +456,16 @@ def recommend_folder(
         raise FileNotFoundError(f"{noisy_dir}: no .wav or .flac files")
     features = FeatureSource.for_recommender(recommender, features_dir)
     columns = recommendation_columns(recommender.class_names, recommender.single is not None)
-    described = recommender.describe()
-    csv_path, json_path = out_dir / RECOMMENDATIONS_CSV, out_dir / RECOMMENDER_JSON
-    previous = json.loads(json_path.read_text(encoding="utf-8")) if json_path.is_file() else {}
-    same_models = all(previous.get(k) == v for k, v in described.items())
-    if csv_path.exists() and not same_models:
+    record = _RecommenderRecord(out_dir / RECOMMENDER_JSON, recommender.describe(),
+                                fallback_model, features)  # fmt: skip
+    csv_path = out_dir / RECOMMENDATIONS_CSV
+    if not record.resumes() and csv_path.exists():
         log.warning("%s: written with other checkpoints or settings; predicting again", csv_path)
         csv_path.unlink()
-    timing = previous.get("inference", {}) if same_models else {}
-    seconds, timed = float(timing.get("seconds", 0.0)), int(timing.get("files", 0))
     rowlog = RowLog(csv_path, columns)
     done = {r["file"]: r for r in rowlog.read()}
     todo = [f for f in fids if f not in done]
     errors: dict[str, str] = {}
-
-    def save_json() -> None:
-        write_json_atomic(json_path, {
-            **described,
-            "fallback_model": fallback_model,
-            "features": None if features is None else {
-                "names": features.names,
-                "feature_set": features.feature_set,
-                "max_seconds": features.max_seconds,
-                "features_dir": str(features.features_dir) if features.features_dir else None,
-            },
-            "inference": {"seconds": round(seconds, 4), "files": timed},
-        })
-
     with tqdm(total=len(todo), desc="recommend", unit="file") as bar:
         for ok, prediction, batch_errors, elapsed in _batches(
             recommender, noisy_dir, todo, features, batch_size
@@ -464,33 +475,37 @@ def recommend_folder(
                 rows = _rows(ok, prediction, recommender.class_names, fallback_model)
                 rowlog.append(rows)
                 done.update({r["file"]: r for r in csv_rows(rows, columns)})
-                seconds += elapsed
-                timed += len(ok)
-                save_json()
+                record.seconds += elapsed
+                record.files += len(ok)
+                record.save()
             bar.update(len(ok) + len(batch_errors))
-    save_json()
-
-    final = [done[f] for f in fids if f in done]
-    for row in final:
-        row["routed_model"] = routed_model_for(row["recommendation"], fallback_model)
-    text = csv_text(columns, final)
-    if csv_path.read_text(encoding="utf-8") != text:
-        write_text_atomic(csv_path, text)
+    record.save()
+    final = _final_rows(csv_path, columns, [done[f] for f in fids if f in done], fallback_model)
     write_csv_atomic(out_dir / ERRORS_CSV, ERROR_COLUMNS,
                      ({"file": f, "reason": r} for f, r in sorted(errors.items())))
-    counts: dict[str, int] = {}
-    for row in final:
-        counts[row["recommendation"]] = counts.get(row["recommendation"], 0) + 1
+    counts = Counter(row["recommendation"] for row in final)
     return RecommendationSummary(
         files=len(fids),
         predicted_now=len(todo) - len(errors),
         reused=len(fids) - len(todo),
         errors=errors,
-        counts=dict(sorted(counts.items(), key=lambda kv: -kv[1])),
-        inference_seconds_per_file=seconds / timed if timed else math.nan,
+        counts=dict(counts.most_common()),
+        inference_seconds_per_file=record.seconds / record.files if record.files else math.nan,
         recommendations_csv=csv_path,
         rows=final,
     )
+
+
+def _final_rows(csv_path: Path, columns: Sequence[str], rows: list[dict[str, Any]],
+                fallback_model: str) -> list[dict[str, Any]]:  # fmt: skip
+    """The rows in file order with today's fallback routing; the CSV is rewritten only when
+    that changes it (a no-op re-run leaves it untouched)."""
+    for row in rows:
+        row["routed_model"] = routed_model_for(row["recommendation"], fallback_model)
+    text = csv_text(columns, rows)
+    if csv_path.read_text(encoding="utf-8") != text:
+        write_text_atomic(csv_path, text)
+    return rows
 
 
 def _rows(
@@ -514,8 +529,6 @@ def csv_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> list[
 
 
 __all__ = [
-    "RECOMMENDATIONS_CSV",
-    "RECOMMENDER_JSON",
     "BatchPrediction",
     "FeatureSource",
     "RecommendationSummary",
@@ -524,5 +537,4 @@ __all__ = [
     "check_two_stage_pair",
     "load_stage_model",
     "recommend_folder",
-    "recommendation_columns",
 ]

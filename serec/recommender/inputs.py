@@ -14,7 +14,7 @@ import transformers
 from tqdm import tqdm
 
 from serec.audio import AudioError, load_audio
-from serec.features import feature_path, load_feature_matrix
+from serec.feature_files import feature_path, load_feature_matrix
 from serec.fileio import atomic_path
 from serec.recommender.config import RecommenderConfig
 from serec.recommender.errors import RecommenderError

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -193,3 +194,24 @@ def test_dnsmos_level_is_recorded_applied_and_never_mixed(tmp_path: Path) -> Non
                "--dnsmos_level_db", "-26", check=True)
     resumed = {(r["file"], r["system"]): float(r["dnsmos_ovr"]) for r in read_csv(out / "scores.csv")}
     assert resumed == levelled  # the same level resumes: nothing redone, nothing added
+
+
+def test_a_folder_from_before_the_renovation_resumes_without_overwrite(
+    baseline: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    # Folders written before issue 14/15 have the same CSVs and WAVs, but a run.json without
+    # model_settings and scoring (and no lock): a re-run must take them as they are.
+    noisy, clean, done = baseline
+    old = tmp_path / "old"
+    shutil.copytree(done, old)
+    run = json.loads((old / "run.json").read_text())
+    for key in ("model_settings", "scoring"):
+        run.pop(key, None)
+    (old / "run.json").write_text(json.dumps(run))
+    (old / ".serec.lock").unlink(missing_ok=True)
+    before = {p.name: p.read_bytes() for p in (old / "scores.csv", old / "labels.csv")}
+    proc = run_driver("--noisy_dir", noisy, "--clean_dir", clean, "--output_dir", old,
+                      "--models", *MODELS, check=True)
+    assert "pairs run now: 0" in proc.stdout
+    assert {p.name: p.read_bytes() for p in (old / "scores.csv", old / "labels.csv")} == before
+    assert "model_settings" in json.loads((old / "run.json").read_text())

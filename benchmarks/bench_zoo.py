@@ -37,10 +37,11 @@ from serec.experiment import markdown_table
 from serec.fileio import write_csv_atomic
 from serec.labels import NOISY_SYSTEM
 from serec.parallel import use_single_thread
+from serec.quality import METRICS
 from serec.schema import SCORES_CSV
 
-MEANS = {"dnsmos_sig": "SIG", "dnsmos_bak": "BAK", "dnsmos_ovr": "OVR", "pesq_wb": "PESQ-WB",
-         "stoi": "STOI", "si_sdr": "SI-SDR"}
+# The metrics in the table, with their headings from quality.METRICS.
+MEANS = {m: METRICS[m].heading for m in ("dnsmos_sig", "dnsmos_bak", "dnsmos_ovr", "pesq_wb", "stoi", "si_sdr")}
 
 
 def parse_args() -> argparse.Namespace:

@@ -18,6 +18,8 @@ import pandas as pd
 
 from serec.exitcodes import ExitStatus
 from serec.fileio import UnsafeFileId, atomic_path, check_file_ids
+from serec.quality import METRICS
+from serec.schema import HEADLINE_METRICS
 
 
 class PipelineError(RuntimeError):
@@ -283,7 +285,7 @@ def bound_steps(config: PipelineConfig) -> list[tuple[str, Callable[[], None]]]:
 # The tables of steps 4 and 5
 
 STRATEGY_TABLE_COLUMNS = {
-    "strategy": "strategy", "dnsmos_ovr": "OVR", "pesq_wb": "PESQ-WB", "stoi": "STOI",
+    "strategy": "strategy", **{m: METRICS[m].heading for m in HEADLINE_METRICS},
     "oracle_gain_captured": "captured", "enhancer_seconds": "enhancer_s",
     "recommender_seconds": "recommend_s", "dnsmos_seconds": "dnsmos_s", "total_seconds": "total_s",
 }

@@ -21,11 +21,11 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from serec.fileio import UnsafeFileId, check_file_ids, write_csv_atomic, write_json_atomic
+from serec.fileio import UnsafeFileId, check_file_ids, write_json_atomic
 from serec.mixing import DEFAULT_SPEAKER_REGEX
 from serec.recommender.errors import RecommenderError
+from serec.schema import FOLDS_CSV, read_folds, write_folds
 
-FOLDS_CSV = "folds.csv"
 FOLDS_JSON = "folds.json"
 # The inner validation split is one of this many grouped, stratified parts of a fold's
 # training part (about 20 %), fewer when the training part has fewer groups.
@@ -190,22 +190,18 @@ def load_or_make_folds(
             for k in recipe
             if k in saved and saved[k] != recipe[k]
         ]
-        table = pd.read_csv(csv_path, dtype={"file": str})
-        if set(table.file) != set(labels.file):
+        saved_folds = read_folds(csv_path)
+        if set(saved_folds) != set(labels.file):
             changed.insert(0, "its files differ from the labels file's")
-        elif sorted(table.fold.unique()) != list(range(1, n_folds + 1)):
-            changed.insert(0, f"its folds are {sorted(table.fold.unique())}")
+        elif sorted(set(saved_folds.values())) != list(range(1, n_folds + 1)):
+            changed.insert(0, f"its folds are {sorted(set(saved_folds.values()))}")
         if changed:
             raise RecommenderError(
                 f"{csv_path} was made for other data ({'; '.join(changed)}): {fix}"
             )
-        return table.set_index("file").loc[labels.file, "fold"].to_numpy(dtype=np.int64)
+        return np.array([saved_folds[f] for f in labels.file], dtype=np.int64)
     folds = make_folds(labels.label.to_numpy(), groups, n_folds, seed)
-    write_csv_atomic(
-        csv_path,
-        ("file", "fold"),
-        ({"file": f, "fold": int(k)} for f, k in zip(labels.file, folds, strict=True)),
-    )
+    write_folds(csv_path, dict(zip(labels.file, folds, strict=True)))
     write_json_atomic(json_path, recipe)
     return folds
 

@@ -20,7 +20,6 @@ from serec.recommender.config import RecommenderConfig
 from serec.recommender.errors import RecommenderError
 from serec.recommender.fbank import FbankSpec, compute_fbank
 from serec.recommender.folds import (
-    FOLDS_CSV,
     file_digest,
     file_groups,
     labels_digest,
@@ -29,6 +28,7 @@ from serec.recommender.folds import (
 )
 from serec.recommender.kinds import InputSpec, ModelInputs
 from serec.recommender.stages import most_frequent_label
+from serec.schema import FOLDS_CSV
 
 
 class FbankCache:

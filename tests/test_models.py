@@ -240,3 +240,16 @@ def test_missing_pretrained_ast_says_how_to_get_it(tmp_path: Path):
     message = str(info.value)
     assert "huggingface-cli download MIT/ast-finetuned-audioset-10-10-0.4593" in message
     assert "--ast_model_dir" in message and "--pretrained_models none" in message
+
+
+def test_inference_does_not_import_training_or_cross_validation() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, serec.recommender.inference; print(' '.join(m for m in sys.modules "
+            "if m.startswith('serec.recommender')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, timeout=300).stdout.split()  # fmt: skip
+    assert "serec.recommender.stages" in loaded
+    for module in ("training", "crossval", "crossval_report", "folds", "inputs", "config"):
+        assert f"serec.recommender.{module}" not in loaded

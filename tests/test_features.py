@@ -147,7 +147,7 @@ def test_feature_names_and_order() -> None:
     assert plus[:9] == list(CEKL_FEATURE_NAMES) and len(plus) == len(set(plus)) == 19
     assert {"dnsmos_sig", "dnsmos_bak", "dnsmos_ovr", "dnsmos_p808", "snr_est_db",
             "duration_s"} <= set(plus)  # fmt: skip
-    assert set(FEATURE_SETS) == {"cekl", "cekl_plus"}
+    assert set(FEATURE_SETS) == {"cekl", "cekl_plus", "dnsmos_embed"}
     with pytest.raises(ValueError, match="unknown feature set"):
         feature_names("mfcc")
 

@@ -22,6 +22,7 @@ from serec.labels import LabelRule
 from serec.lock import OutputLocked, output_lock
 from serec.pipeline import PipelineConfig, PipelineError, bound_steps, run_steps, shown
 from serec.quality import METRIC_NAMES, METRICS
+from serec.ray_backend import RayUnavailable, add_backend_arguments, backend_from_args
 from serec.runinfo import RUN_JSON, write_run_json
 
 # The source checkout, when serec runs from one (its git commit is recorded).
@@ -312,6 +313,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n_folds", type=int, default=5)
     p.add_argument("--num_epochs", type=int, default=50)
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    add_backend_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="mixing, enhancement and routing seed")
     p.add_argument("--recommender_seed", type=int, default=42, help="folds and training seed")
     p.add_argument("--tables_only", action="store_true",
@@ -329,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         models_config=args.models_config,
         num_mixtures=args.num_mixtures, test_fraction=args.test_fraction, n_folds=args.n_folds,
         num_epochs=args.num_epochs, num_workers=args.num_workers, seed=args.seed,
+        backend=args.backend, ray_address=args.ray_address,
         recommender_seed=args.recommender_seed,
     )
     command = shlex.join(["python", "-m", "serec.experiment", *(argv if argv is not None else sys.argv[1:])])
@@ -340,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
                 for folder in (args.clean_dir, args.noise_dir):
                     if not folder.is_dir():
                         raise PipelineError(f"{folder}: not a folder")
+                # Ray is joined (or started) now, so a bad setup stops before step 1; the
+                # steps then share the connection.
+                backend_from_args(args, args.num_workers)
                 write_run_json(work_dir, vars(args), command=command, code=_git_commit(),
                                machine=f"{platform.machine()}, {os.cpu_count()} cores")
                 started = time.perf_counter()
@@ -348,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
                               work_dir / TIMINGS_JSON, step, seconds, finished))
                 print(f"\nall steps done in {time.perf_counter() - started:.0f} s", flush=True)
             path = write_tables(work_dir, results_dir, classes)
-    except (PipelineError, OutputLocked) as exc:
+    except (PipelineError, OutputLocked, RayUnavailable) as exc:
         print(f"experiment: error: {exc}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:

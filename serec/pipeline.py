@@ -48,6 +48,10 @@ class PipelineConfig:
     n_folds: int = 3
     num_epochs: int = 40
     num_workers: int = 2
+    # Where steps 2, 3 and 5 run their per-file work: "local" or "ray" (at ray_address; None:
+    # a local Ray instance, started once and shared by the steps).
+    backend: str = "local"
+    ray_address: str | None = None
     seed: int = 0  # mixing, enhancement and recommendation
     recommender_seed: int = 42  # folds, initialisation and sampling of model_recommender_w_scaler.py
 
@@ -180,6 +184,13 @@ def split_step(config: PipelineConfig) -> None:
           f"also in train) in {shown(config.path('test'))}")
 
 
+def _backend_args(config: PipelineConfig) -> list[str]:
+    """The --backend and --ray_address flags of the steps that fan out per-file work."""
+    if config.backend == "local":
+        return []
+    return ["--backend", config.backend, *(["--ray_address", config.ray_address] if config.ray_address else [])]
+
+
 def enhancement_step(config: PipelineConfig) -> None:
     """Workflow step 2: every model on every file of both splits, scored and labelled."""
     for split in ("train", "test"):
@@ -190,6 +201,7 @@ def enhancement_step(config: PipelineConfig) -> None:
             *(["--models_config", config.models_config] if config.models_config else []),
             "--num_workers", config.num_workers, "--seed", config.seed,
             *(["--dnsmos_level_db", config.dnsmos_level_db] if config.dnsmos_level_db is not None else []),
+            *_backend_args(config),
         ])
 
 
@@ -198,6 +210,7 @@ def features_step(config: PipelineConfig) -> None:
     run_command("features", [
         "--base_data_dir", config.path("train") / "noisy",
         "--output_base_dir", config.path("features_train"), "--num_workers", config.num_workers,
+        *_backend_args(config),
     ])
 
 
@@ -232,6 +245,7 @@ def recommendation_step(config: PipelineConfig) -> None:
         "--labels_csv", config.path("enhancement_test") / "labels.csv",
         *(["--models_config", config.models_config] if config.models_config else []),
         "--num_workers", config.num_workers, "--seed", config.seed,
+        *_backend_args(config),
     ])
 
 

@@ -18,6 +18,7 @@ from serec.audio import write_wav
 from serec.enhancement import EnhancementConfig, run_enhancement
 from serec.enhancer_jobs import EnhancerJob
 from serec.enhancers import create_enhancer
+from serec.feature_files import run_feature_extraction
 from serec.parallel import LocalBackend, Resources, WorkUnit
 from serec.synth import NOISE_KINDS, speech_like
 
@@ -160,3 +161,12 @@ def test_the_driver_refuses_an_unreachable_cluster_before_any_work(tmp_path: Pat
     assert proc.returncode == 2
     assert "no Ray head answers there" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_ray_features_are_the_local_ones(tmp_path: Path, ray_instance: None) -> None:
+    noisy, _ = make_pairs(tmp_path, 3)
+    for name, backend in (("local", LocalBackend(2)), ("ray", RayBackend())):
+        summary = run_feature_extraction(noisy, tmp_path / name, progress=False, backend=backend)
+        assert summary.done == 3 and summary.errors == 0
+    for vector in (tmp_path / "local").glob("*.npy"):
+        assert (tmp_path / "ray" / vector.name).read_bytes() == vector.read_bytes()

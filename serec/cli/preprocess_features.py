@@ -19,6 +19,7 @@ from serec.exitcodes import ExitStatus
 from serec.feature_files import FeatureConfigError, run_feature_extraction
 from serec.features import DEFAULT_MAX_SECONDS, FEATURE_SETS
 from serec.lock import output_lock
+from serec.ray_backend import add_backend_arguments, backend_from_args
 from serec.runinfo import write_run_json
 
 
@@ -38,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="use only the first MAX_SECONDS of longer files (default %(default)s)",
     )
     parser.add_argument("--num_workers", type=int, default=1, help="worker processes")
+    add_backend_arguments(parser)
     parser.add_argument(
         "--overwrite",
         action="store_true",
@@ -61,10 +63,12 @@ def main(argv: list[str] | None = None) -> int:
                 num_workers=args.num_workers,
                 overwrite=args.overwrite,
                 recursive=recursive,
+                backend=backend_from_args(args, args.num_workers),
             )
             write_run_json(args.output_base_dir, args, summary=vars(summary))
     except (FeatureConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        # RuntimeError includes OutputLocked: another run writes into this folder.
+        # RuntimeError includes OutputLocked (another run writes into this folder) and
+        # RayUnavailable (--backend ray cannot run here).
         print(f"error: {exc}", file=sys.stderr)
         return ExitStatus.USAGE
     except KeyboardInterrupt:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import socket
 import uuid
 from collections import deque
@@ -136,7 +137,12 @@ class RayBackend(Backend):
                 ray.init(address=self.address, num_cpus=self.num_cpus if self.address is None else None,
                          include_dashboard=False, configure_logging=False)
             except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise RayUnavailable(f"cannot start or join Ray at {self.address or 'a new local instance'}: {exc}") from exc
+                hint = ("; a cluster with token authentication (Ray's default) also needs "
+                        "RAY_AUTH_MODE=token here, the token in ~/.ray/auth_token"
+                        if self.address and not os.environ.get("RAY_AUTH_MODE") else "")
+                raise RayUnavailable(
+                    f"cannot start or join Ray at {self.address or 'a new local instance'}: {exc}{hint}"
+                ) from exc
         self._ray = ray
         return ray
 

@@ -36,6 +36,12 @@ class _ScoringJob(ChunkJob[str]):
         self.scorer = scorer
         self.validate = validate
 
+    def setup(self, threads: int | None) -> None:
+        # A worker beside others (a Ray actor) with no thread count given would let
+        # onnxruntime take every core in each of them.
+        if threads == 1 and self.scorer.num_threads is None:
+            self.scorer.num_threads = 1
+
     def process(self, unit: WorkUnit[str]) -> list[dict[str, Any]]:
         return self.scorer.score_files(unit.items, validate=self.validate)
 

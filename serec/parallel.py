@@ -17,6 +17,7 @@ parent stops them at once, keeping every row that had already come back.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import multiprocessing
 import os
@@ -212,7 +213,9 @@ class LocalBackend(Backend):
             return
         main = [u for u in units if job.in_main(u)]
         rest = [u for u in units if not job.in_main(u)]
-        yield from InProcessBackend().run(job, main)
+        # A copy is set up here, so the workers forked next do not inherit (and then drop)
+        # this process's native state, such as onnxruntime sessions and their threads.
+        yield from InProcessBackend().run(copy.copy(job), main)
         if rest:
             yield from _WorkerPool(job, min(self.num_workers, len(rest))).run(rest)
 

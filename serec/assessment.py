@@ -142,8 +142,11 @@ class _EvaluationJob(ChunkJob[tuple[EvalPair, str, str]]):
 
     recoverable = (AudioError, RuntimeError, ValueError, OSError)
 
+    def __init__(self, dnsmos_level_db: float | None = None) -> None:
+        self.dnsmos_level_db = dnsmos_level_db
+
     def setup(self, threads: int | None) -> None:
-        self._scorer = QualityScorer(num_threads=threads)
+        self._scorer = QualityScorer(num_threads=threads, dnsmos_level_db=self.dnsmos_level_db)
 
     def process(self, unit: WorkUnit[tuple[EvalPair, str, str]]) -> list[dict[str, Any]]:
         return score_chunk(unit.items, self._scorer)
@@ -236,6 +239,7 @@ def evaluate_rec_folders(
     num_workers: int = 1,
     chunk_size: int = 8,
     backend: Backend | None = None,
+    dnsmos_level_db: float | None = None,
 ) -> EvaluationSummary:
     """Score every rec folder's files; write evaluation.csv and summary.csv.
 
@@ -245,7 +249,8 @@ def evaluate_rec_folders(
     as chunks finish and reused by a re-run while the files they were scored from are
     unchanged (`inputs_sha1`), so an interrupted evaluation resumes. `backend` runs the
     work units (default: `num_workers` local worker processes, at least one, so that a
-    crash of a native metric costs a file).
+    crash of a native metric costs a file). `dnsmos_level_db` scores DNSMOS at that
+    active-speech level (None: as the files are).
     """
     out_dir = Path(out_dir)
     pairing = pair_rec_folders(out_dir, clean_dir)
@@ -255,7 +260,7 @@ def evaluate_rec_folders(
     latest = {(r["file"], r["group"]): r for r in log.read()}
     todo = [it for it in items if latest.get((it[0].file, it[0].group), {}).get("inputs_sha1") != it[2]]
     if todo:
-        run_units(_EvaluationJob(), chunk_units("evaluate", todo, chunk_size),
+        run_units(_EvaluationJob(dnsmos_level_db), chunk_units("evaluate", todo, chunk_size),
                   backend or LocalBackend(num_workers, isolate=True),
                   lambda _unit, rows: log.append(rows), desc="evaluate")
         latest = {(r["file"], r["group"]): r for r in log.read()}

@@ -39,6 +39,8 @@ DEFAULT_BOOSTER_PARAMS: dict[str, Any] = {
     "verbosity": -1,
 }
 DEFAULT_NUM_ROUNDS = 300
+# The smallest leaf on a small corpus (min_data_in_leaf shrinks to files / 8, not below this).
+MIN_LEAF_FLOOR = 3
 
 
 class PredictorError(ValueError):
@@ -109,13 +111,15 @@ class QualityPredictor:
             fold_boosters = []
             for j, model in enumerate(models):
                 usable = train & np.isfinite(gains[:, j])
-                if usable.sum() < 2 * merged["min_data_in_leaf"]:
+                if usable.sum() < 2 * MIN_LEAF_FLOOR:
                     raise PredictorError(
                         f"model {model}: only {int(usable.sum())} training files with a score outside "
-                        f"fold {fold}; need at least {2 * merged['min_data_in_leaf']}"
+                        f"fold {fold}; need at least {2 * MIN_LEAF_FLOOR}"
                     )
+                # A small corpus gets smaller leaves rather than a single-leaf (constant) tree.
+                leaf = min(int(merged["min_data_in_leaf"]), max(MIN_LEAF_FLOOR, int(usable.sum()) // 8))
                 data = lgb.Dataset(features[usable], gains[usable, j], free_raw_data=True)
-                booster = lgb.train(merged, data, num_boost_round=num_rounds)
+                booster = lgb.train({**merged, "min_data_in_leaf": leaf}, data, num_boost_round=num_rounds)
                 if held.any():
                     oof[held, j] = booster.predict(features[held])
                 fold_boosters.append(booster.model_to_string())

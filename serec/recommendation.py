@@ -11,7 +11,9 @@ the oracle, a random choice and run-all-and-pick; report.html last. Every part r
 
 from __future__ import annotations
 
+import math
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +25,9 @@ from serec.parallel import Backend
 from serec.report import DEFAULT_LISTENING_ROWS, write_report
 from serec.routing import Route, copy_routed_files, enhance_routed_files
 from serec.runinfo import write_run_json
-from serec.schema import ERRORS_CSV
+from serec.schema import ERRORS_CSV, RECOMMENDATIONS_CSV
+from serec.selection import DEFAULT_COST_LAMBDA, DEFAULT_VERIFY_K
+from serec.selector_routing import SelectorRun, enhance_and_evaluate, policy_rows, route_by_policy
 from serec.strategies import (
     DNSMOS_TIMING_JSON,
     compare_strategies,
@@ -61,15 +65,27 @@ class RecommendationConfig:
     retry_errors: bool = False
     report_rows: int = DEFAULT_LISTENING_ROWS
     seed: int = 0
+    # The quality selector (python -m serec.selection train): its policies' rows in
+    # strategies.csv, and with `policy` it routes the files instead of the classifiers.
+    selector: Path | None = None
+    policy: str | None = None
+    cost_lambda: float = DEFAULT_COST_LAMBDA
+    verify_k: int = DEFAULT_VERIFY_K
+    selector_features_dir: Path | None = None
 
     def __post_init__(self) -> None:
         self.enhanced_dir = Path(self.enhanced_dir)
+        if self.policy is not None and self.selector is None:
+            raise ValueError("--policy routes by the quality selector: give --selector too")
+        if self.policy is not None and (self.gatekeeper_model_path or self.single_model_path):
+            raise ValueError("route by --policy or by the classifiers' checkpoints, not both")
         if self.eval_only:
             return
         if self.noisy_speech_dir is None:
             raise ValueError("--noisy_speech_dir is required (unless --eval_only)")
-        if self.gatekeeper_model_path is None and self.single_model_path is None:
-            raise ValueError("give --gatekeeper_model_path and --expert_model_path, or --single_model_path")
+        if self.gatekeeper_model_path is None and self.single_model_path is None and self.policy is None:
+            raise ValueError("give --gatekeeper_model_path and --expert_model_path, --single_model_path, "
+                             "or --selector with --policy")
         noisy, out = Path(self.noisy_speech_dir).resolve(), self.enhanced_dir.resolve()
         if not noisy.is_dir():
             raise FileNotFoundError(f"--noisy_speech_dir {self.noisy_speech_dir}: not a directory")
@@ -81,6 +97,28 @@ class RecommendationConfig:
 class RecommendationResult:
     errors: int  # files recorded as errors (errors.csv, routing.csv, evaluation.csv)
     report: Path
+
+
+def _route_by_policy(config: RecommendationConfig, selector: SelectorRun, say: Say,
+                     backend: Backend | None) -> int:
+    """Route by the selector's policy, copy, enhance; returns the number of files recorded as errors."""
+    assert config.noisy_speech_dir is not None
+    model_configs = load_models_config(config.models_config) if config.models_config else {}
+    enhance, evaluate = enhance_and_evaluate(model_configs, config.device if config.device != "auto" else "cpu",
+                                             config.seed, config.num_workers, config.retry_errors, backend,
+                                             selector.settings.get("dnsmos_level_db"))
+    routes, errors = route_by_policy(selector, config.noisy_speech_dir, config.enhanced_dir,
+                                     features_dir=config.selector_features_dir, enhance=enhance, evaluate=evaluate)
+    say(f"recommendations: {config.enhanced_dir / RECOMMENDATIONS_CSV} (policy {selector.policy}: "
+        + ", ".join(f"{m} {n}" for m, n in Counter(r.routed_model for r in routes).most_common())
+        + f"; {len(errors)} unusable)")
+    if not routes:
+        raise ValueError(f"no usable noisy file in {config.noisy_speech_dir}: see {config.enhanced_dir / ERRORS_CSV}")
+    copy_routed_files(config.noisy_speech_dir, config.enhanced_dir, routes)
+    enhanced = enhance(config.enhanced_dir, routes)
+    say(f"enhanced: {enhanced.done_now} now, {enhanced.skipped} already done, {enhanced.errors} errors "
+        f"({enhanced.routing_csv})")
+    return len(errors) + enhanced.errors
 
 
 def _route_and_enhance(config: RecommendationConfig, say: Say, backend: Backend | None) -> int:
@@ -126,16 +164,22 @@ def _route_and_enhance(config: RecommendationConfig, say: Say, backend: Backend 
     return len(recs.errors) + enhanced.errors
 
 
-def _compare(config: RecommendationConfig, say: Say) -> None:
+def _compare(config: RecommendationConfig, selector: SelectorRun | None, say: Say) -> None:
     assert config.labels_csv is not None
     scores = read_enhancement_scores(config.labels_csv)
     choices, fallback = load_choices(config.enhanced_dir, config.fallback_model)
     timed = [config.enhanced_dir / c["noisy_copy"] for c in choices]
+    routed_seconds = inference_seconds_per_file(config.enhanced_dir)
     comparison = compare_strategies(
         choices, scores, fallback_model=fallback,
-        inference_seconds_per_file=inference_seconds_per_file(config.enhanced_dir),
+        inference_seconds_per_file=routed_seconds,
         dnsmos_seconds_per_file=measure_dnsmos_seconds_per_file(
             timed, cache=config.enhanced_dir / DNSMOS_TIMING_JSON),
+        label_metric=selector.settings["label_metric"] if selector else None,
+        extra=None if selector is None else policy_rows(
+            selector, config.enhanced_dir, config.noisy_speech_dir, config.selector_features_dir,
+            routed_seconds if config.policy else math.nan),
+        seed=config.seed,
     )
     path = write_strategies(config.enhanced_dir, comparison)
     say("\n" + format_strategies(comparison) + f"\n\nstrategies: {path}")
@@ -153,10 +197,13 @@ def run_recommendation(
     in the result and listed in the CSVs.
     """
     errors = 0
+    selector = (None if config.selector is None else
+                SelectorRun.load(config.selector, config.policy, config.cost_lambda, config.verify_k))
     # Every CSV of OUT is rewritten by this run: one run per OUT at a time.
     with output_lock(config.enhanced_dir, "recommendation"):
         if not config.eval_only:
-            errors += _route_and_enhance(config, say, backend)
+            errors += (_route_by_policy(config, selector, say, backend) if config.policy and selector
+                       else _route_and_enhance(config, say, backend))
         evaluation = evaluate_rec_folders(config.enhanced_dir, config.clean_speech_dir,
                                           num_workers=config.num_workers, backend=backend)  # fmt: skip
         errors += evaluation.errors
@@ -166,7 +213,7 @@ def run_recommendation(
             f"{evaluation.reused} unchanged, {evaluation.errors} errors)\n"
             f"summary: {evaluation.summary_csv}\n" + format_summary(evaluation.summary_rows))
         if config.labels_csv is not None:
-            _compare(config, say)
+            _compare(config, selector, say)
         report = write_report(config.enhanced_dir, config.labels_csv,
                               max_listening_rows=config.report_rows)  # fmt: skip
         write_run_json(config.enhanced_dir, asdict(config),

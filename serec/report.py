@@ -31,7 +31,7 @@ from serec.schema import (
     read_strategies,
     read_summary,
 )
-from serec.strategies import read_enhancement_scores
+from serec.strategies import read_enhancement_scores, verdict
 
 REPORT_HTML = "report.html"
 DEFAULT_LISTENING_ROWS = 40
@@ -45,6 +45,7 @@ th { background: #f0f0f0; } td.text, th.text { text-align: left; }
 img { max-width: 100%; } audio { width: 170px; height: 30px; }
 .wide { overflow-x: auto; } dl { font-size: 0.9em; } dt { font-weight: bold; float: left; margin-right: 0.5em; }
 .note { color: #555; font-size: 0.9em; }
+.verdict { font-size: 1.15em; }
 """
 
 
@@ -133,26 +134,77 @@ def _summary_section(summary: Sequence[Mapping[str, str]]) -> str:
     )
 
 
+def quality_compute_figure(strategies: Sequence[Mapping[str, Any]]) -> Figure | None:
+    """Mean label metric against compute per file (x the best single model's): every strategy a
+    point, the cost_aware lambda sweep a line; None without the columns to draw it."""
+    if not strategies or "compute_vs_best_single" not in strategies[0]:
+        return None
+    label = str(strategies[0]["label_metric"])
+    points = [(str(r["strategy"]), _float(r["compute_vs_best_single"]), _float(r[label])) for r in strategies]
+    points = [p for p in points if math.isfinite(p[1]) and math.isfinite(p[2])]
+    if not points:
+        return None
+    fig, ax = _figure(7.5, 4.8)
+    curve = sorted((x, y) for name, x, y in points if "@" in name)
+    if curve:
+        ax.plot(*zip(*curve, strict=True), "-", color="#999", lw=1.2, zorder=1, label="cost_aware, lambda swept")
+    for name, x, y in points:
+        if "@" in name:
+            continue
+        kind = ("oracle" if name == "oracle" else "fixed" if name.startswith("always_") or name == "noisy"
+                else "adaptive")
+        style = {"oracle": ("*", "#d62728"), "fixed": ("s", "#1f77b4"), "adaptive": ("o", "#2ca02c")}[kind]
+        ax.scatter([x], [y], marker=style[0], color=style[1], s=40, zorder=2)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_xscale("symlog", linthresh=0.1)
+    ax.set_xlabel("compute (x the best single model's: enhancers + recommender + DNSMOS checks)")
+    ax.set_ylabel(f"mean {METRICS[label].heading}")
+    ax.set_title("Quality vs compute (oracle: known for free)")
+    ax.grid(alpha=0.3)
+    if curve:
+        ax.legend(loc="lower right", fontsize=8)
+    return fig
+
+
+def _verdict_section(strategies: Sequence[Mapping[str, str]]) -> str:
+    """The answer first: one line and the quality-vs-compute plot."""
+    if not strategies or "label_metric" not in strategies[0]:
+        return ""
+    fig = quality_compute_figure(strategies)
+    return (f'<p class="verdict"><b>{html.escape(verdict(strategies))}</b></p>'
+            + (_img(fig, "quality vs compute of every strategy") if fig is not None else ""))
+
+
 def _strategies_section(strategies: Sequence[Mapping[str, str]]) -> str:
     if not strategies:
         return ("<p>No strategy comparison: pass <code>--labels_csv</code> (enhancement_driver's "
                 "labels.csv for the same files) to compare with single models and the oracle.</p>")
+    label = strategies[0].get("label_metric") or "dnsmos_ovr"
     # The headline metrics; strategies.csv has every one.
-    metrics = [m for m in HEADLINE_METRICS if any(r.get(m) for r in strategies)]
-    columns = ["strategy", "files", *(METRICS[m].heading for m in metrics), "oracle gain captured", "enhancer s",
-               "recommender s", "DNSMOS s", "total s"]
+    metrics = list(dict.fromkeys([label, *(m for m in HEADLINE_METRICS if any(r.get(m) for r in strategies))]))
+    columns = ["strategy", "files", *(METRICS[m].heading for m in metrics), "gain [95% CI]",
+               "captured [95% CI]", "regret", "total s", "x compute", "PESQ-best agreement"]
+
+    def captured(r: Mapping[str, str]) -> str:
+        value = _float(r["oracle_gain_captured"])
+        if not math.isfinite(value):
+            return ""
+        low, high = _float(r["captured_ci_low"]), _float(r["captured_ci_high"])
+        return f"{100 * value:.0f}% [{100 * low:.0f}, {100 * high:.0f}]"
+
     rows = [
         [r["strategy"], r["files"], *(_fmt(r[m]) for m in metrics),
-         (f"{100 * _float(r['oracle_gain_captured']):.1f}%" if math.isfinite(_float(r["oracle_gain_captured"])) else ""),
-         _fmt(r["enhancer_seconds"], 2), _fmt(r["recommender_seconds"], 2), _fmt(r["dnsmos_seconds"], 2),
-         _fmt(r["total_seconds"], 2)]
+         f"{_fmt(r['gain_over_best_single'])} [{_fmt(r['gain_ci_low'])}, {_fmt(r['gain_ci_high'])}]",
+         captured(r), _fmt(r["regret"]), _fmt(r["total_seconds"], 1), _fmt(r["compute_vs_best_single"], 2),
+         _fmt(r["pesq_best_agreement"], 2)]
         for r in strategies
     ]
     return (
-        "<p class=\"note\">All strategies scored from the enhancement step's scores on the same files. "
-        "Oracle gain captured = (strategy &minus; best single model) / (oracle &minus; best single "
-        "model), in mean DNSMOS OVR. Seconds: enhancer compute, plus recommender inference "
-        "(adaptive) or DNSMOS on every output (run-all).</p>"
+        f"<p class=\"note\">All strategies scored from the enhancement step's scores on the same files. "
+        f"Gain = mean {html.escape(METRICS[label].heading)} minus the best single model's, with a 95% "
+        "paired-bootstrap interval over files; captured = that gain as a share of the oracle's; regret = "
+        "mean loss per file against the oracle. Seconds: the enhancers a strategy runs, its recommender "
+        "(features + prediction) and the DNSMOS scorings it makes to choose (run-all, verify).</p>"
         + _table(columns, rows, 1, "strategies-table")
         + "<dl>" + "".join(f"<dt>{html.escape(r['strategy'])}</dt><dd>{html.escape(r['description'])}</dd>"
                            for r in strategies) + "</dl>"
@@ -331,6 +383,7 @@ def write_report(
         recommendations = [{"file": r["file"], "recommendation": r["group"], "routed_model": r["routed_model"]}
                            for r in evaluation]
     sections = [
+        ("Verdict", _verdict_section(strategies)),
         ("Run", _run_section(out_dir)),
         ("Summary", _summary_section(summary)),
         ("Strategies", _strategies_section(strategies)),
@@ -353,4 +406,4 @@ def write_report(
     return write_text_atomic(out_dir / REPORT_HTML, page)
 
 
-__all__ = ["DEFAULT_LISTENING_ROWS", "REPORT_HTML", "write_report"]
+__all__ = ["DEFAULT_LISTENING_ROWS", "REPORT_HTML", "quality_compute_figure", "write_report"]

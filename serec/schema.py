@@ -57,12 +57,15 @@ SUMMARY_COLUMNS = (
     "group", "metric", "n",
     *(f"{side}_{stat}" for side in EVALUATION_SIDES for stat in ("mean", "ci95_low", "ci95_high")),
 )  # fmt: skip
-# strategies.csv lists DNSMOS OVR (the selection metric) first, then the other metrics.
+# strategies.csv (step 5 and `python -m serec.selection evaluate`): DNSMOS OVR first, then
+# the other metrics; the gain and its paired-bootstrap interval are in the label metric.
 STRATEGY_COLUMNS = (
     "strategy", "description", "files", "dnsmos_ovr",
-    *(m for m in METRIC_NAMES if m != "dnsmos_ovr"), "ovr_gain_over_best_single",
-    "oracle_gain_captured", "enhancer_seconds", "recommender_seconds", "dnsmos_seconds",
-    "total_seconds",
+    *(m for m in METRIC_NAMES if m != "dnsmos_ovr"), "label_metric",
+    "gain_over_best_single", "gain_ci_low", "gain_ci_high",
+    "oracle_gain_captured", "captured_ci_low", "captured_ci_high", "regret",
+    "enhancer_seconds", "recommender_seconds", "dnsmos_seconds", "total_seconds",
+    "compute_vs_best_single", "pesq_best_agreement",
 )  # fmt: skip
 
 
@@ -168,19 +171,3 @@ def read_strategies(out_dir: str | os.PathLike[str]) -> list[Row]:
 
 def write_strategies_csv(out_dir: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]]) -> Path:
     return write_csv_atomic(Path(out_dir) / STRATEGIES_CSV, STRATEGY_COLUMNS, rows)
-
-
-# The quality selector's policies scored on an evaluated split (python -m serec.selection evaluate).
-SELECTION_CSV = "selection.csv"
-SELECTION_METRICS = ("dnsmos_ovr", "dnsmos_sig", "dnsmos_bak", "pesq_wb", "stoi", "si_sdr")
-SELECTION_COLUMNS = (
-    "strategy", "description", "files", *SELECTION_METRICS,
-    "gain_vs_best_single", "gain_ci_low", "gain_ci_high",
-    "oracle_gain_captured", "captured_ci_low", "captured_ci_high", "regret",
-    "enhancer_seconds", "recommender_seconds", "dnsmos_seconds", "total_seconds",
-    "compute_vs_best_single", "pesq_best_agreement",
-)
-
-
-def write_selection_csv(out_dir: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]]) -> Path:
-    return write_csv_atomic(Path(out_dir) / SELECTION_CSV, SELECTION_COLUMNS, rows)

@@ -15,6 +15,7 @@ the policies are scored on an evaluated test split).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -39,15 +40,23 @@ from serec.policies import (
 )
 from serec.predictor import QualityPredictor, crossed_folds
 from serec.quality import METRICS
-from serec.schema import SELECTION_METRICS, write_selection_csv
-from serec.strategies import EnhancementScores, read_enhancement_scores
+from serec.strategies import (
+    VERIFY_METRIC,
+    EnhancementScores,
+    Strategy,
+    StrategyComparison,
+    comparable_files,
+    format_strategies,
+    read_enhancement_scores,
+    reference_strategies,
+    score_strategies,
+    write_strategies,
+)
 
 SELECTOR_FORMAT = 1
 DEFAULT_FOLDS = 5
 DEFAULT_COST_LAMBDA = 0.1
 DEFAULT_VERIFY_K = 2
-# The score a verify policy compares candidates by: the only one available without a reference.
-VERIFY_METRIC = "dnsmos_ovr"
 # cost_aware's quality-vs-compute curve (lambda in label-metric units per second of compute
 # per second of audio).
 COST_LAMBDA_SWEEP: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -108,6 +117,17 @@ def read_durations(scores_csv: str | os.PathLike[str]) -> dict[str, float]:
     return dict(zip(noisy.file, noisy.duration_s.astype(float), strict=True))
 
 
+def scoring_level(labels_csv: str | os.PathLike[str]) -> float | None:
+    """The DNSMOS level (dBFS) the enhancement run beside labels.csv scored at (None: as is)."""
+    from serec.runinfo import RUN_JSON
+
+    record = Path(labels_csv).with_name(RUN_JSON)
+    if not record.is_file():
+        return None
+    level = (json.loads(record.read_text(encoding="utf-8")).get("scoring") or {}).get("dnsmos_level_db")
+    return None if level is None else float(level)
+
+
 def train_selector(
     labels_csv: str | os.PathLike[str],
     feat_dir: str | os.PathLike[str],
@@ -150,6 +170,8 @@ def train_selector(
         "format": SELECTOR_FORMAT,
         "kind": "quality_selector",
         "label_metric": label_metric,
+        # The level the labels' DNSMOS was scored at: run-time verification scores at it too.
+        "dnsmos_level_db": scoring_level(labels_csv),
         "feature_set": str(read_features_meta(feat_dir)["feature_set"]),
         "predictor": predictor.to_metadata(),
         "models": data.models,
@@ -192,65 +214,114 @@ def load_selector(checkpoint_path: str | os.PathLike[str]) -> tuple[dict[str, An
 
 @dataclass
 class PolicyChoice:
-    """A policy's choice per file: the model run and kept, and every model it ran."""
+    """A policy's models per file: the ones it runs and, unless it verifies, the one it keeps."""
 
     name: str
     description: str
-    chosen: list[str]
     ran: list[list[str]]
-    verified: int = 0  # DNSMOS scorings per file
+    kept: list[str] | None  # None: the DNSMOS-best of `ran`, known only once they have run
+
+    @property
+    def verifies(self) -> bool:
+        return self.kept is None
+
+
+def verify_k_of(selector: Mapping[str, Any], verify_k: int) -> int:
+    """The number of candidates a verify policy runs (at most the number of models)."""
+    if verify_k < 1:
+        raise SelectionError(f"--verify_k must be at least 1, got {verify_k}")
+    return min(verify_k, len(selector["models"]))
+
+
+def policy_names(verify_k: int = DEFAULT_VERIFY_K) -> list[str]:
+    """The routing policies' names, as recommendation_driver.py --policy takes them."""
+    return ["predict_best", "predict_best_safe", "cost_aware", f"verify_top{verify_k}", f"verify_fixed_top{verify_k}"]
 
 
 def choose(
     selector: Mapping[str, Any],
     predicted: np.ndarray,
-    verified_scores: np.ndarray,
     *,
     cost_lambda: float = DEFAULT_COST_LAMBDA,
     verify_k: int = DEFAULT_VERIFY_K,
 ) -> list[PolicyChoice]:
-    """Every predictor policy's choices for files with these predicted gains.
-
-    `verified_scores` is (files, models): each model's output scored with VERIFY_METRIC,
-    used only by the verify policies and only at the candidates they run.
-    """
+    """Every predictor policy's choices for files with these predicted gains (files, models)."""
     models = list(selector["models"])
     best = models.index(selector["best_single"])
-    k = min(verify_k, len(models))
-    fixed = np.array([[models.index(m) for m in selector["ranking"][:k]]] * predicted.shape[0])
-    tops = top_k(predicted, k)
+    k = verify_k_of(selector, verify_k)
+    fixed = selector["ranking"][:k]
 
     def named(indices: np.ndarray) -> list[str]:
         return [models[i] for i in indices]
 
-    one = [[m] for m in named(predict_best(predicted))]
-    safe = named(predict_best_safe(predicted, best, selector["margin"]))
-    cheap = named(cost_aware(predicted, selector["seconds_per_audio_s"], cost_lambda))
+    def alone(kept: list[str]) -> tuple[list[list[str]], list[str]]:
+        return [[m] for m in kept], kept
+
     return [
-        PolicyChoice("predict_best", "the model with the highest predicted gain", [r[0] for r in one], one),
+        PolicyChoice("predict_best", "the model with the highest predicted gain",
+                     *alone(named(predict_best(predicted)))),
         PolicyChoice("predict_best_safe", f"{selector['best_single']} unless another's predicted gain beats it by "
-                     f"> {selector['margin']:g} (margin chosen on training folds)", safe, [[m] for m in safe]),
-        PolicyChoice("cost_aware", f"highest predicted gain - {cost_lambda:g} x seconds per audio second", cheap,
-                     [[m] for m in cheap]),
-        PolicyChoice(f"verify_top{k}", f"run the top {k} predicted models, keep the best {VERIFY_METRIC}",
-                     named(verify(tops, verified_scores)), [named(row) for row in tops], verified=k),
-        PolicyChoice(f"verify_fixed_top{k}", f"always run {', '.join(selector['ranking'][:k])}, keep the best "
-                     f"{VERIFY_METRIC}", named(verify(fixed, verified_scores)), [named(row) for row in fixed],
-                     verified=k),
+                     f"> {selector['margin']:g} (margin chosen on training folds)",
+                     *alone(named(predict_best_safe(predicted, best, selector["margin"])))),
+        PolicyChoice("cost_aware", f"highest predicted gain - {cost_lambda:g} x seconds per audio second",
+                     *alone(named(cost_aware(predicted, selector["seconds_per_audio_s"], cost_lambda)))),
+        PolicyChoice(f"verify_top{k}", f"run the top {k} predicted models, keep the best DNSMOS OVR",
+                     [named(row) for row in top_k(predicted, k)], None),
+        PolicyChoice(f"verify_fixed_top{k}", f"always run {', '.join(fixed)} (best on training), keep the best "
+                     "DNSMOS OVR", [list(fixed)] * predicted.shape[0], None),
     ]
 
 
-def cost_curve(selector: Mapping[str, Any], predicted: np.ndarray) -> list[tuple[float, list[str]]]:
-    """cost_aware's choices at each lambda of COST_LAMBDA_SWEEP (a quality-vs-compute curve)."""
+def cost_curve(selector: Mapping[str, Any], predicted: np.ndarray) -> list[PolicyChoice]:
+    """cost_aware at each lambda of COST_LAMBDA_SWEEP: a quality-vs-compute curve."""
     models = list(selector["models"])
-    return [
-        (lam, [models[i] for i in cost_aware(predicted, selector["seconds_per_audio_s"], lam)])
-        for lam in COST_LAMBDA_SWEEP
-    ]
+    curve = []
+    for lam in COST_LAMBDA_SWEEP:
+        kept = [models[i] for i in cost_aware(predicted, selector["seconds_per_audio_s"], lam)]
+        curve.append(PolicyChoice(f"cost_aware@{lam:g}", f"cost_aware at lambda {lam:g}", [[m] for m in kept], kept))
+    return curve
 
 
-# ---------------------------------------------------------------------------------------
-# Scoring the policies on an evaluated test split
+def kept_by_verification(choice: PolicyChoice, verified_scores: np.ndarray, models: Sequence[str]) -> list[str]:
+    """Of each file's candidates, the one whose output scored best (`verified_scores`: files x models)."""
+    candidates = np.array([[list(models).index(m) for m in ran] for ran in choice.ran])
+    return [models[i] for i in verify(candidates, verified_scores)]
+
+
+def selector_strategies(
+    selector: Mapping[str, Any],
+    predicted: np.ndarray,
+    files: Sequence[str],
+    scores: EnhancementScores,
+    *,
+    recommender_seconds_per_file: float = math.nan,
+    cost_lambda: float = DEFAULT_COST_LAMBDA,
+    verify_k: int = DEFAULT_VERIFY_K,
+) -> list[Strategy]:
+    """Every policy (and the cost_aware sweep) as strategies on evaluated files.
+
+    The verify policies keep the candidate with the best DNSMOS OVR in scores.csv: the
+    score they would measure at run time. Every policy pays the recommender's seconds; the
+    fixed verify baseline needs no prediction and pays none.
+    """
+    models = list(selector["models"])
+    if models != scores.models:
+        raise SelectionError(f"{scores.labels_csv}: models {scores.models} differ from the selector's {models}")
+    verified = np.array([[scores.value(f, m, VERIFY_METRIC) for m in models] for f in files])
+    strategies = []
+    for choice in [*choose(selector, predicted, cost_lambda=cost_lambda, verify_k=verify_k),
+                   *cost_curve(selector, predicted)]:
+        kept = kept_by_verification(choice, verified, models) if choice.verifies else choice.kept
+        assert kept is not None
+        needs_prediction = not choice.name.startswith("verify_fixed")
+        strategies.append(Strategy(
+            choice.name, choice.description, dict(zip(files, kept, strict=True)),
+            dict(zip(files, choice.ran, strict=True)),
+            recommender_seconds_per_file=recommender_seconds_per_file if needs_prediction else 0.0,
+            dnsmos_scorings_per_file=len(choice.ran[0]) if choice.verifies else 0,
+        ))
+    return strategies
+
 
 @dataclass
 class PolicyTiming:
@@ -260,50 +331,14 @@ class PolicyTiming:
     dnsmos_s: float = math.nan
 
 
-def _row(
-    name: str,
-    description: str,
-    chosen: Sequence[str],
-    ran: Sequence[Sequence[str]],
-    data: GainData,
-    label_metric: str,
-    baseline: Sequence[str],
-    oracle: Sequence[str],
-    recommender_s: float,
-    dnsmos_s: float,
-    seed: int,
-) -> dict[str, Any]:
-    from serec.bootstrap import captured_share, mean_difference
-
-    files, scores = data.files, data.scores
-
-    def per_file(choice: Sequence[str], metric: str) -> np.ndarray:
-        return np.array([scores.value(f, m, metric) for f, m in zip(files, choice, strict=True)])
-
-    values = per_file(chosen, label_metric)
-    base, best = per_file(baseline, label_metric), per_file(oracle, label_metric)
-    gain = mean_difference(values, base, seed=seed)
-    share = captured_share(values, base, best, seed=seed)
-    pesq = np.array([[scores.value(f, m, "pesq_wb") for m in data.models] for f in files])
-    has_pesq = np.isfinite(pesq).all(axis=1)
-    pesq_best = [data.models[j] for j in np.argmax(np.where(np.isfinite(pesq), pesq, -np.inf), axis=1)]
-    agreement = (float(np.mean([c == p for c, p, ok in zip(chosen, pesq_best, has_pesq, strict=True) if ok]))
-                 if has_pesq.any() else math.nan)
-    enhancer_s = float(sum(scores.seconds.get((f, m), math.nan) for f, models in zip(files, ran, strict=True)
-                           for m in models))
-    verified = sum(len(models) for models in ran) if name.startswith("verify") else 0
-    total = enhancer_s + len(files) * (recommender_s if math.isfinite(recommender_s) else 0.0) + verified * (
-        dnsmos_s if math.isfinite(dnsmos_s) else 0.0)
-    return {
-        "strategy": name, "description": description, "files": len(files),
-        **{m: float(np.nanmean(per_file(chosen, m))) for m in SELECTION_METRICS},
-        "gain_vs_best_single": gain.estimate, "gain_ci_low": gain.low, "gain_ci_high": gain.high,
-        "oracle_gain_captured": share.estimate, "captured_ci_low": share.low, "captured_ci_high": share.high,
-        "regret": float(np.nanmean(best - values)),
-        "enhancer_seconds": enhancer_s, "recommender_seconds": recommender_s * len(files),
-        "dnsmos_seconds": verified * dnsmos_s, "total_seconds": total,
-        "pesq_best_agreement": agreement,
-    }
+def predict_files(selector: Mapping[str, Any], predictor: QualityPredictor, feat_dir: str | os.PathLike[str],
+                  files: Sequence[str]) -> np.ndarray:
+    """Predicted gains (files, models) from precomputed feature vectors of the selector's set."""
+    features, names = load_feature_matrix(feat_dir, list(files))
+    if names != predictor.feature_names:
+        raise SelectionError(f"{feat_dir}: feature names differ from those the predictor was trained on "
+                             f"(feature set {selector['feature_set']}); recompute them with that feature set")
+    return predictor.predict(features)[0]
 
 
 def evaluate_selector(
@@ -316,73 +351,51 @@ def evaluate_selector(
     cost_lambda: float = DEFAULT_COST_LAMBDA,
     verify_k: int = DEFAULT_VERIFY_K,
     seed: int = 0,
-) -> list[dict[str, Any]]:
-    """Every policy, every fixed model and the oracle on an evaluated split, with bootstrap CIs.
-
-    The baseline of the gain, its interval and the captured share is the best single model
-    on these files (the strictest fixed baseline); the oracle is the best model per file by
-    the label metric. Compute is summed over the files: the enhancers each strategy runs
-    (their measured seconds in scores.csv), the recommender (features + prediction) and,
-    for verify policies, one DNSMOS scoring per candidate.
-    """
+) -> StrategyComparison:
+    """Every policy, every fixed model and the oracle on an evaluated split (score_strategies)."""
     label_metric = selector["label_metric"]
-    data = load_gain_data(labels_csv, feat_dir, label_metric)
-    if data.models != list(selector["models"]):
-        raise SelectionError(f"{labels_csv}: models {data.models} differ from the selector's {selector['models']}")
-    if data.feature_names != predictor.feature_names:
-        raise SelectionError(f"{feat_dir}: feature names differ from those the predictor was trained on "
-                             f"(feature set {selector['feature_set']}); recompute them with that feature set")
+    scores = read_enhancement_scores(labels_csv)
+    files, left_out = comparable_files(sorted(scores.labels), scores, label_metric)
+    if not files:
+        raise SelectionError(f"{labels_csv}: no file has every system's {label_metric} in scores.csv")
     timing = timing or PolicyTiming()
-    complete = np.all(np.isfinite(data.gains), axis=1)
-    if not complete.all():
-        keep = np.flatnonzero(complete)
-        data = GainData([data.files[i] for i in keep], data.models, data.features[keep], data.feature_names,
-                        data.gains[keep], data.scores)
-    predicted, _ = predictor.predict(data.features)
-    verified = np.array([[data.scores.value(f, m, VERIFY_METRIC) for m in data.models] for f in data.files])
-    means = np.nanmean(data.gains, axis=0)
-    best_single = data.models[int(np.argmax(means))]
-    oracle = [data.models[j] for j in np.argmax(data.gains, axis=1)]
-    baseline = [best_single] * len(data.files)
-
-    def row(name: str, description: str, chosen: Sequence[str], ran: Sequence[Sequence[str]],
-            recommender_s: float = 0.0) -> dict[str, Any]:
-        return _row(name, description, chosen, ran, data, label_metric, baseline, oracle, recommender_s,
-                    timing.dnsmos_s, seed)
-
-    rows = [row(c.name, c.description, c.chosen, c.ran, timing.recommender_s)
-            for c in choose(selector, predicted, verified, cost_lambda=cost_lambda, verify_k=verify_k)]
-    rows += [row(f"always_{m}", f"always {m}" + (" (best single model on these files)" if m == best_single else ""),
-                 [m] * len(data.files), [[m]] * len(data.files)) for m in data.models]
-    rows.append(row("oracle", f"best model per file by {label_metric}, known for free", oracle,
-                    [[m] for m in oracle]))
-    rows += [row(f"cost_aware@{lam:g}", f"cost_aware at lambda {lam:g}", chosen, [[m] for m in chosen],
-                 timing.recommender_s) for lam, chosen in cost_curve(selector, predicted)]
-    base_seconds = next(r["total_seconds"] for r in rows if r["strategy"] == f"always_{best_single}")
-    for r in rows:
-        r["compute_vs_best_single"] = r["total_seconds"] / base_seconds if base_seconds > 0 else math.nan
-    return rows
+    predicted = predict_files(selector, predictor, feat_dir, files)
+    strategies = [
+        *selector_strategies(selector, predicted, files, scores, recommender_seconds_per_file=timing.recommender_s,
+                             cost_lambda=cost_lambda, verify_k=verify_k),
+        *reference_strategies(files, scores, label_metric),
+    ]
+    rows, best_single = score_strategies(strategies, scores, files, label_metric=label_metric,
+                                         dnsmos_seconds_per_file=timing.dnsmos_s, seed=seed)
+    return StrategyComparison(rows, files, best_single, label_metric, left_out)
 
 
-def measure_timing(selector: Mapping[str, Any], predictor: QualityPredictor, noisy_paths: Sequence[Path],
-                   max_files: int = 8) -> PolicyTiming:
-    """Seconds per file on this machine, one process: features + prediction, and DNSMOS on one output."""
+def time_recommender(selector: Mapping[str, Any], predictor: QualityPredictor, noisy_paths: Sequence[Path],
+                     max_files: int = 8) -> float:
+    """Seconds per file on this machine, one thread: features + prediction (NaN without files)."""
     import time
 
     from serec.features import file_features
     from serec.parallel import use_single_thread
-    from serec.strategies import measure_dnsmos_seconds_per_file
 
     use_single_thread()
     sample = list(noisy_paths)[:max_files]
     if not sample:
-        return PolicyTiming()
+        return math.nan
     file_features(sample[0], selector["feature_set"])  # loads the ONNX sessions outside the timing
     started = time.perf_counter()
     for path in sample:
         predictor.predict(file_features(path, selector["feature_set"])[None, :])
-    recommender_s = (time.perf_counter() - started) / len(sample)
-    return PolicyTiming(recommender_s, measure_dnsmos_seconds_per_file(sample, max_files))
+    return (time.perf_counter() - started) / len(sample)
+
+
+def measure_timing(selector: Mapping[str, Any], predictor: QualityPredictor, noisy_paths: Sequence[Path],
+                   max_files: int = 8) -> PolicyTiming:
+    """Seconds per file on this machine, one thread: the recommender, and DNSMOS on one output."""
+    from serec.strategies import measure_dnsmos_seconds_per_file
+
+    return PolicyTiming(time_recommender(selector, predictor, noisy_paths, max_files),
+                        measure_dnsmos_seconds_per_file(list(noisy_paths)[:max_files], max_files))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -410,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--labels_csv", type=Path, required=True, help="enhancement_driver's labels.csv (test split)")
     evaluate.add_argument("--features_dir", type=Path, required=True, help="features of the test split's noisy files")
     evaluate.add_argument("--noisy_dir", type=Path, help="the test split's noisy files, to time the recommender and DNSMOS")
-    evaluate.add_argument("--output_dir", type=Path, required=True, help=f"where {Path('selection.csv')} goes")
+    evaluate.add_argument("--output_dir", type=Path, required=True, help="where strategies.csv goes")
     evaluate.add_argument("--cost_lambda", type=float, default=DEFAULT_COST_LAMBDA)
     evaluate.add_argument("--verify_k", type=int, default=DEFAULT_VERIFY_K)
     evaluate.add_argument("--seed", type=int, default=0, help="bootstrap resampling seed")
@@ -426,17 +439,14 @@ def main(argv: list[str] | None = None) -> int:
         selector, predictor = load_selector(args.selector)
         timing = (measure_timing(selector, predictor, list_audio_files(args.noisy_dir))
                   if args.noisy_dir else PolicyTiming())
-        rows = evaluate_selector(selector, predictor, args.labels_csv, args.features_dir, timing=timing,
-                                 cost_lambda=args.cost_lambda, verify_k=args.verify_k, seed=args.seed)
-        path = write_selection_csv(args.output_dir, rows)
+        comparison = evaluate_selector(selector, predictor, args.labels_csv, args.features_dir, timing=timing,
+                                       cost_lambda=args.cost_lambda, verify_k=args.verify_k, seed=args.seed)
+        path = write_strategies(args.output_dir, comparison)
         write_run_json(args.output_dir, args, timing=vars(timing))
     except (SelectionError, FileNotFoundError, ValueError) as exc:
         print(f"serec.selection: error: {exc}", file=sys.stderr)
         return ExitStatus.USAGE
-    for r in rows:
-        print(f"{r['strategy']:<24} {r['dnsmos_ovr']:.3f}  gain {r['gain_vs_best_single']:+.3f} "
-              f"[{r['gain_ci_low']:+.3f}, {r['gain_ci_high']:+.3f}]  captured {100 * r['oracle_gain_captured']:.0f}%  "
-              f"compute x{r['compute_vs_best_single']:.2f}")
+    print(format_strategies(comparison))
     print(f"policies: {path}")
     return ExitStatus.OK
 

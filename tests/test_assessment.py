@@ -198,7 +198,14 @@ def test_strategies_against_hand_computed_values(tmp_path: Path) -> None:
     assert cost["random_expected"].enhancer_seconds == pytest.approx(8.0)
 
     table = format_strategies(result)
-    assert "adaptive mean OVR" in table and "oracle gain captured" in table and "(B)" in table
+    assert "verdict: adaptive is not significantly worse than always_B" in table and "captured" in table
+    # Paired bootstrap: the baseline against itself has a zero interval; the oracle loses nothing.
+    baseline = result.row("always_B")
+    assert (baseline.gain.low, baseline.gain.high, baseline.compute_vs_best_single) == (0.0, 0.0, 1.0)
+    assert result.row("oracle").regret == 0.0
+    adaptive = result.row("adaptive")
+    assert adaptive.gain.low <= adaptive.gain.estimate <= adaptive.gain.high
+    assert adaptive.regret == pytest.approx(ovr["oracle"] - ovr["adaptive"])
 
 
 def test_strategies_refuse_files_without_scores(tmp_path: Path) -> None:

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from serec.selection import SelectionError, choose, load_gain_data, load_selector, train_selector
+from serec.selection import (
+    SelectionError,
+    choose,
+    kept_by_verification,
+    load_gain_data,
+    load_selector,
+    train_selector,
+)
 
 MODELS = ["lowsnr_model", "highsnr_model", "slow_model"]
 SECONDS_PER_AUDIO_S = {"lowsnr_model": 0.2, "highsnr_model": 0.05, "slow_model": 1.0}
@@ -77,16 +84,18 @@ def test_trained_selector_routes_by_the_planted_rule(runs: tuple[Path, Path], tm
     data = load_gain_data(test / "enh" / "labels.csv", test / "feat", "dnsmos_ovr")
     predicted, spread = predictor.predict(data.features)
     verified = np.array([[data.scores.value(f, m, "dnsmos_ovr") for m in MODELS] for f in data.files])
-    choices = {c.name: c for c in choose(loaded, predicted, verified, cost_lambda=0.1, verify_k=2)}
+    choices = {c.name: c for c in choose(loaded, predicted, cost_lambda=0.1, verify_k=2)}
     assert set(choices) == {"predict_best", "predict_best_safe", "cost_aware", "verify_top2", "verify_fixed_top2"}
     truth = [MODELS[j] for j in np.argmax(data.gains, axis=1)]
-    agree = np.mean([c == t for c, t in zip(choices["predict_best"].chosen, truth, strict=True)])
+    agree = np.mean([c == t for c, t in zip(choices["predict_best"].kept, truth, strict=True)])
     assert agree > 0.85
-    assert "slow_model" not in choices["cost_aware"].chosen
-    assert all(len(r) == 2 for r in choices["verify_top2"].ran) and choices["verify_top2"].verified == 2
+    assert "slow_model" not in choices["cost_aware"].kept
+    assert all(len(r) == 2 for r in choices["verify_top2"].ran) and choices["verify_top2"].verifies
+    assert all(r == loaded["ranking"][:2] for r in choices["verify_fixed_top2"].ran)
     # verify keeps the candidate whose output scored best
-    for fid_index, (kept, ran) in enumerate(zip(choices["verify_top2"].chosen, choices["verify_top2"].ran, strict=True)):
-        assert kept == max(ran, key=lambda m: verified[fid_index, MODELS.index(m)])
+    kept = kept_by_verification(choices["verify_top2"], verified, MODELS)
+    for fid_index, (model, ran) in enumerate(zip(kept, choices["verify_top2"].ran, strict=True)):
+        assert model == max(ran, key=lambda m: verified[fid_index, MODELS.index(m)])
 
 
 def test_selector_errors_name_the_file(runs: tuple[Path, Path], tmp_path: Path) -> None:
@@ -125,18 +134,21 @@ def test_cli_trains_and_scores_every_policy_with_intervals(runs: tuple[Path, Pat
          test / "enh" / "labels.csv", "--features_dir", test / "feat", "--output_dir", out],
         capture_output=True, text=True, timeout=600)
     assert evaluated.returncode == 0, evaluated.stderr
-    table = pd.read_csv(out / "selection.csv").set_index("strategy")
+    table = pd.read_csv(out / "strategies.csv").set_index("strategy")
     for name in ("predict_best", "predict_best_safe", "cost_aware", "verify_top2", "verify_fixed_top2",
                  "oracle", *(f"always_{m}" for m in MODELS)):
         assert name in table.index
     assert table.at["oracle", "oracle_gain_captured"] == pytest.approx(1.0)
     assert table.at["oracle", "regret"] == pytest.approx(0.0)
     best = table.loc[[f"always_{m}" for m in MODELS], "dnsmos_ovr"].idxmax()
-    assert table.at[best, "gain_vs_best_single"] == pytest.approx(0.0)
+    assert table.at[best, "gain_over_best_single"] == pytest.approx(0.0)
     assert table.at[best, "compute_vs_best_single"] == pytest.approx(1.0)
     # The planted rule is learnable: predicting beats the best fixed model, significantly.
     assert table.at["predict_best", "gain_ci_low"] > 0
-    assert table.at["predict_best", "gain_ci_low"] <= table.at["predict_best", "gain_vs_best_single"]
+    assert table.at["predict_best", "gain_ci_low"] <= table.at["predict_best", "gain_over_best_single"]
+    # The fixed verify baseline pays DNSMOS on two outputs per file but no prediction.
+    assert table.at["verify_fixed_top2", "recommender_seconds"] == 0
+    assert (table.label_metric == "dnsmos_ovr").all()
     # verify runs two models per file: at least the enhancer time of the cheaper of them
     assert table.at["verify_top2", "enhancer_seconds"] > table.at["predict_best", "enhancer_seconds"]
     assert (table.filter(like="cost_aware@", axis=0).shape[0]) >= 5

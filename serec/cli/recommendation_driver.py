@@ -4,9 +4,12 @@ Full mode: recommendations.csv (gatekeeper + expert, or a single model); each no
 copied into exactly one ENHANCED_DIR/rec_<LABEL>/; the routed enhancer run on each folder
 into rec_<LABEL>/enhanced/ (All_Failed files go to --fallback_model); then the evaluation.
 --eval_only: only evaluate what the rec_* folders hold: evaluation.csv and summary.csv.
+--selector --policy P: route by the quality selector's policy P instead (verify policies run
+their candidates into ENHANCED_DIR/verify/ and keep the DNSMOS-best output).
 Both modes: with --labels_csv (enhancement_driver's labels.csv for the same files; its
 scores.csv is read from the same folder) strategies.csv compares adaptive selection with
-each single model, the oracle, a random choice and run-all-and-pick; report.html last.
+each single model, the oracle, a random choice and run-all-and-pick (with --selector, every
+policy too, with 95% paired-bootstrap intervals); report.html last, its verdict first.
 
 Every step resumes: re-running the same command redoes only what is missing.
 Exit status: 0 all files done; 3 finished, but some files are recorded as errors
@@ -27,6 +30,7 @@ from serec.ray_backend import RayUnavailable, add_backend_arguments, backend_fro
 from serec.recommendation import RecommendationConfig, run_recommendation
 from serec.report import DEFAULT_LISTENING_ROWS
 from serec.routing import KEEP_NOISY
+from serec.selection import DEFAULT_COST_LAMBDA, DEFAULT_VERIFY_K, policy_names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,6 +58,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="route to the gatekeeper class when its probability reaches this")
     p.add_argument("--labels_csv", type=Path,
                    help="enhancement_driver's labels.csv for these files: compare strategies")
+    selector = p.add_argument_group("quality selector (python -m serec.selection train)")
+    selector.add_argument("--selector", type=Path,
+                          help="selector checkpoint: adds every routing policy's row to strategies.csv")
+    selector.add_argument("--policy", help="route by this policy of --selector instead of the classifiers: "
+                          + ", ".join(policy_names()) + " (the k of verify_topK / verify_fixed_topK is --verify_k)")
+    selector.add_argument("--cost_lambda", type=float, default=DEFAULT_COST_LAMBDA,
+                          help="cost_aware: predicted gain minus this x the model's seconds per audio second")
+    selector.add_argument("--verify_k", type=int, default=DEFAULT_VERIFY_K,
+                          help="candidates a verify policy runs and scores with DNSMOS")
+    selector.add_argument("--selector_features_dir", type=Path,
+                          help="the noisy files' features in the selector's feature set (preprocess_features.py "
+                          "--feature_set dnsmos_embed); default: compute them here")
     p.add_argument("--num_workers", type=int, default=1, help="worker processes for enhancement and scoring")
     add_backend_arguments(p)
     p.add_argument("--device", default="auto", help="torch / external model device: auto, cpu, cuda")
@@ -66,8 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.eval_only:
         if args.noisy_speech_dir is None:
             p.error("--noisy_speech_dir is required (unless --eval_only)")
-        if args.gatekeeper_model_path is None and args.single_model_path is None:
-            p.error("give --gatekeeper_model_path and --expert_model_path, or --single_model_path")
+        if args.gatekeeper_model_path is None and args.single_model_path is None and args.policy is None:
+            p.error("give --gatekeeper_model_path and --expert_model_path, --single_model_path, "
+                    "or --selector with --policy")
     return args
 
 

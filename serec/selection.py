@@ -48,12 +48,14 @@ from serec.strategies import (
     comparable_files,
     format_strategies,
     read_enhancement_scores,
+    recorded_label_metric,
     reference_strategies,
     score_strategies,
     write_strategies,
 )
 
 SELECTOR_FORMAT = 1
+SELECTOR_CHECKPOINT = "selector.pth"  # where --training_stage predictor writes it
 DEFAULT_FOLDS = 5
 DEFAULT_COST_LAMBDA = 0.1
 DEFAULT_VERIFY_K = 2
@@ -134,14 +136,18 @@ def train_selector(
     metadata_csv: str | os.PathLike[str],
     checkpoint_path: str | os.PathLike[str],
     *,
-    label_metric: str = "dnsmos_ovr",
+    label_metric: str | None = None,
     n_folds: int = DEFAULT_FOLDS,
     seed: int = 0,
     num_rounds: int | None = None,
 ) -> dict[str, Any]:
-    """Fit the predictor and the policies' settings on a training run; write the checkpoint."""
+    """Fit the predictor and the policies' settings on a training run; write the checkpoint.
+
+    The label metric defaults to the one the training run's labels were made with.
+    """
     import torch
 
+    label_metric = label_metric or recorded_label_metric(labels_csv)
     data = load_gain_data(labels_csv, feat_dir, label_metric)
     metadata = pd.read_csv(metadata_csv, dtype={"file": str, "speaker": str, "noise_source": str})
     missing_columns = {"file", "speaker", "noise_source"} - set(metadata.columns)
@@ -415,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="preprocess_features.py output for the same noisy files (e.g. --feature_set dnsmos_embed)")
     train.add_argument("--metadata_csv", type=Path, required=True, help="mixing metadata.csv (speaker, noise_source)")
     train.add_argument("--output", type=Path, required=True, help="the selector checkpoint (.pth) to write")
-    train.add_argument("--label_metric", default="dnsmos_ovr", choices=list(METRICS))
+    train.add_argument("--label_metric", choices=list(METRICS),
+                       help="the score whose gain is predicted (default: the one the labels were made with)")
     train.add_argument("--n_folds", type=int, default=DEFAULT_FOLDS)
     train.add_argument("--seed", type=int, default=0)
     evaluate = sub.add_parser("evaluate", help="score every policy on an evaluated test split")

@@ -96,11 +96,13 @@ def read_enhancement_scores(labels_csv: str | os.PathLike[str]) -> EnhancementSc
         seconds=seconds,
         labels_csv=labels_csv,
         scores_csv=scores_csv,
-        label_metric=_recorded_label_metric(labels_csv),
+        label_metric=recorded_label_metric(labels_csv),
     )
 
 
-def _recorded_label_metric(labels_csv: Path) -> str:
+def recorded_label_metric(labels_csv: str | os.PathLike[str]) -> str:
+    """The metric the labels beside this run.json were chosen by (DNSMOS OVR when not recorded)."""
+    labels_csv = Path(labels_csv)
     record = labels_csv.with_name(RUN_JSON)
     if not record.is_file():
         return DEFAULT_LABEL_METRIC
@@ -535,6 +537,7 @@ __all__ = [
     "DNSMOS_TIMING_JSON",
     "measure_dnsmos_seconds_per_file",
     "read_enhancement_scores",
+    "recorded_label_metric",
     "load_choices",
     "write_strategies",
 ]

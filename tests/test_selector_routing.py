@@ -16,7 +16,7 @@ import pytest
 from serec.audio import write_wav
 from serec.feature_files import run_feature_extraction
 from serec.fileio import write_csv_atomic
-from serec.selection import train_selector
+from serec.recommendation import RecommendationConfig
 from serec.synth import NOISE_KINDS, speech_like
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +37,8 @@ def _corpus(root: Path, n: int, seed: int) -> dict[str, str]:
     score_rows, label_rows, meta_rows = [], [], []
     for i in range(n):
         kind = ("hum", "pink")[i % 2]
-        fid = f"spk{i % 4}_{i:03d}.wav"
+        speaker = f"spk{(i // 2) % 4}"  # every speaker with both noises, so folds see both
+        fid = f"{speaker}_{i:03d}.wav"
         clean = speech_like(rng, 1.2)
         write_wav(root / "clean" / fid, clean)
         write_wav(root / "noisy" / fid, clean + 0.3 * NOISE_KINDS[kind](rng, 1.2))
@@ -50,7 +51,8 @@ def _corpus(root: Path, n: int, seed: int) -> dict[str, str]:
         best = max(MODELS, key=lambda m, ovr=ovr: ovr[m])
         label_rows.append({"file": fid, "label": best, "best_model": best, "best_ovr": ovr[best],
                            **{f"{m}_ovr": ovr[m] for m in MODELS}})
-        meta_rows.append({"file": fid, "speaker": f"spk{i % 4}", "noise_source": f"{kind}/{i % 6}.wav"})
+        # Eight recordings of each noise, so both folds train on both kinds.
+        meta_rows.append({"file": fid, "speaker": speaker, "noise_source": f"{kind}/{i % 16}.wav"})
     write_csv_atomic(root / "enh" / "scores.csv", list(score_rows[0]), score_rows)
     write_csv_atomic(root / "enh" / "labels.csv", list(label_rows[0]), label_rows)
     write_csv_atomic(root / "metadata.csv", list(meta_rows[0]), meta_rows)
@@ -62,9 +64,15 @@ def selector_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("selector_routing")
     _corpus(root / "train", 48, seed=0)
     run_feature_extraction(root / "train" / "noisy", root / "train" / "feat", "cekl", progress=False)
-    train_selector(root / "train" / "enh" / "labels.csv", root / "train" / "feat", root / "train" / "metadata.csv",
-                   root / "selector.pth", n_folds=2, seed=0, num_rounds=40)
-    _corpus(root / "test", 6, seed=1)
+    # The predictor stage of the training command (python -m serec.selection train is the same).
+    trained = subprocess.run(
+        [sys.executable, str(REPO / "model_recommender_w_scaler.py"), "--training_stage", "predictor",
+         "--labels_csv", root / "train" / "enh" / "labels.csv", "--cekl_features_base_dir", root / "train" / "feat",
+         "--metadata_csv", root / "train" / "metadata.csv", "--output_dir", root, "--n_folds", "2"],
+        capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "selector:" in trained.stdout and (root / "selector.pth").is_file()
+    _corpus(root / "test", 3, seed=1)
     return root
 
 
@@ -82,12 +90,12 @@ def test_verify_policy_routes_runs_both_candidates_and_keeps_the_dnsmos_best(sel
     assert "policy verify_top2" in result.stdout and "verdict:" in result.stdout
 
     recs = {r["file"]: r for r in _read(out / "recommendations.csv")}
-    assert len(recs) == 6 and all(f"pred_{m}" in r for r in recs.values() for m in MODELS)
+    assert len(recs) == 3 and all(f"pred_{m}" in r for r in recs.values() for m in MODELS)
     # Each candidate ran on every file into its own folder and was scored there.
     scored = {}
     for rank in (1, 2):
         rows = _read(out / "verify" / f"candidate_{rank}" / "evaluation.csv")
-        assert len(rows) == 6 and all(r["status"] == "ok" for r in rows)
+        assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
         scored.update({(r["file"], r["routed_model"]): float(r["enhanced_dnsmos_ovr"]) for r in rows})
     routing = {r["file"]: r for r in _read(out / "routing.csv")}
     for fid, rec in recs.items():
@@ -116,8 +124,11 @@ def test_verify_policy_routes_runs_both_candidates_and_keeps_the_dnsmos_best(sel
 
 def test_policy_needs_a_selector_and_a_known_name(selector_run: Path) -> None:
     test, out = selector_run / "test", selector_run / "out_bad"
-    missing = _driver("--noisy_speech_dir", test / "noisy", "--enhanced_dir", out, "--policy", "predict_best")
-    assert missing.returncode == 2 and "--selector" in missing.stderr
+    with pytest.raises(ValueError, match="--selector"):
+        RecommendationConfig(out, test / "noisy", policy="predict_best")
+    with pytest.raises(ValueError, match="not both"):
+        RecommendationConfig(out, test / "noisy", single_model_path=test / "x.pth",
+                             selector=selector_run / "selector.pth", policy="predict_best")
     unknown = _driver("--noisy_speech_dir", test / "noisy", "--enhanced_dir", out,
                       "--selector", selector_run / "selector.pth", "--policy", "best_guess")
     assert unknown.returncode == 2 and "best_guess" in unknown.stderr and "predict_best_safe" in unknown.stderr

@@ -7,6 +7,9 @@ Run the stages in order with the same --output_dir, --labels_csv and --seed:
       --pretrained_models none --ast_size tiny
   ... --training_stage expert ...; ... --training_stage single ...
   ... --training_stage evaluate_pipeline --cekl_features_base_dir FEAT
+  ... --training_stage predictor --cekl_features_base_dir FEAT_EMBED (the quality selector:
+      per-model gain regressors on folds disjoint in speakers and noise recordings; needs
+      --metadata_csv; writes REC/selector.pth, see python -m serec.selection)
 
 Each training stage writes REC/<checkpoint per fold>, REC/<stage>/ (metrics, curves,
 confusion matrices); evaluate_pipeline writes REC/evaluate_pipeline/ and prints the table.
@@ -36,6 +39,9 @@ from serec.recommender.kinds import available_kinds
 from serec.recommender.stages import STAGES
 from serec.recommender.training import SKIPPED_CSV, train_stage
 from serec.runinfo import write_run_json
+from serec.selection import SELECTOR_CHECKPOINT, SelectionError, train_selector
+
+PREDICTOR_STAGE = "predictor"
 
 
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
@@ -116,11 +122,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--training_stage", required=True, choices=[*STAGES, "evaluate_pipeline"])
+    p.add_argument("--training_stage", required=True, choices=[*STAGES, "evaluate_pipeline", PREDICTOR_STAGE])
     _add_data_flags(p)
     _add_model_flags(p)
     _add_training_flags(p)
     return p.parse_args(argv)
+
+
+def _train_predictor(args: argparse.Namespace) -> int:
+    """The quality selector's stage: python -m serec.selection train with this command's flags."""
+    if args.metadata_csv is None or args.cekl_features_base_dir is None:
+        raise SelectionError("--training_stage predictor needs --metadata_csv (speaker, noise_source) and "
+                             "--cekl_features_base_dir (e.g. preprocess_features.py --feature_set dnsmos_embed)")
+    path = args.output_dir / SELECTOR_CHECKPOINT
+    selector = train_selector(args.labels_csv, args.cekl_features_base_dir, args.metadata_csv, path,
+                              n_folds=args.n_folds, seed=args.seed)
+    write_run_json(args.output_dir / PREDICTOR_STAGE, args, selector_training=selector["training"])
+    training = selector["training"]
+    print(f"selector: {path} ({selector['label_metric']} gain of {len(selector['models'])} models; best single "
+          f"{selector['best_single']}; safe margin {selector['margin']:g}; {training['files']} files, "
+          f"{training['held_out_files']} held out by the {training['folds']} speaker- and noise-disjoint folds)")
+    return ExitStatus.OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             (cfg.output_dir / stage).mkdir(parents=True, exist_ok=True)
             write_run_json(cfg.output_dir / stage, args)
+            if stage == PREDICTOR_STAGE:
+                return _train_predictor(args)
             if stage == "evaluate_pipeline":
                 report = evaluate_pipeline(cfg)
                 skipped = report.skipped
@@ -150,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(format_table(stage_report["summary"], f"{stage}: held-out folds (mean ± std)"))
                 print(f"checkpoints: {', '.join(str(f.checkpoint) for f in result.folds)}")
                 print(f"reports in {result.stage_dir}")
-    except (RecommenderError, OutputLocked) as exc:
+    except (RecommenderError, OutputLocked, SelectionError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitStatus.USAGE
     except KeyboardInterrupt:

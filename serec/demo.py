@@ -138,6 +138,8 @@ class DemoConfig:
     num_epochs: int = 40
     num_workers: int = 2
     seed: int = 0
+    # Off by default: the selector's DNSMOS-embedding features run DNSMOS twice more per file.
+    quality_selector: bool = False
 
     @property
     def corpus_clean(self) -> Path:
@@ -261,7 +263,7 @@ def pipeline_config(config: DemoConfig) -> PipelineConfig:
         output_dir=config.output_dir, clean_dir=config.corpus_clean, noise_dir=config.corpus_noise,
         speaker_regex=config.speaker_regex, models=config.models, num_mixtures=config.num_mixtures,
         test_fraction=config.test_fraction, n_folds=config.n_folds, num_epochs=config.num_epochs,
-        num_workers=config.num_workers, seed=config.seed,
+        num_workers=config.num_workers, seed=config.seed, quality_selector=config.quality_selector,
     )
 
 
@@ -298,6 +300,9 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
     p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="worker processes of the mixing, enhancement, feature and recommendation steps")
     p.add_argument("--seed", type=int, default=DemoConfig.seed, help="corpus and mixing seed")
+    p.add_argument("--quality_selector", action="store_true",
+                   help="also train the quality selector and score its routing policies (slower: DNSMOS "
+                   "embeddings of every file)")
     args = p.parse_args(argv)
     if (args.clean_dir is None) != (args.noise_dir is None):
         p.error("give both --clean_dir and --noise_dir (a corpus of your own), or neither")
@@ -306,7 +311,7 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
         speaker_regex=args.speaker_regex, speech=args.speech, models=tuple(args.models),
         utterances_per_speaker=args.utterances_per_speaker, num_mixtures=args.num_mixtures,
         n_folds=args.n_folds, num_epochs=args.num_epochs, num_workers=args.num_workers,
-        seed=args.seed,
+        seed=args.seed, quality_selector=args.quality_selector,
     )
 
 

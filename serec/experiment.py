@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from serec.fileio import write_json_atomic, write_text_atomic
+from serec.fileio import atomic_path, write_json_atomic, write_text_atomic
 from serec.labels import LabelRule
 from serec.lock import OutputLocked, output_lock
 from serec.pipeline import PipelineConfig, PipelineError, bound_steps, run_steps, shown
@@ -28,6 +28,7 @@ from serec.runinfo import RUN_JSON, write_run_json
 # The source checkout, when serec runs from one (its git commit is recorded).
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TIMINGS_JSON = "timings.json"
+QUALITY_COMPUTE_PNG = "quality_vs_compute.png"
 TABLES_MD = "tables.md"
 SPLITS = ("train", "test")
 F1_TITLES = {
@@ -169,12 +170,14 @@ def dataset_section(work_dir: Path, config: Mapping[str, Any], classes: Mapping[
         rows.append([split or "**all**", len(part), part.speaker.nunique(), part.clean_source.nunique(),
                      part.noise_source.nunique(), part.noise_class.nunique(), f"{hours:.2f}"])
     overlap = set(table[table.split == "train"].speaker) & set(table[table.split == "test"].speaker)
+    shared_noise = set(table[table.split == "train"].noise_source) & set(table[table.split == "test"].noise_source)
     snrs = sorted(table.snr_db.unique())
     return "\n\n".join([
         "## Dataset",
         f"Corpus: clean `{config['clean_dir']}`, noise `{config['noise_dir']}`. "
         f"{len(table)} mixtures at SNR {', '.join(_fmt(s, 0) for s in snrs)} dB, split by speaker "
-        f"({len(overlap)} speakers in both splits). {label_rule_text(work_dir)}",
+        f"and noise recording ({len(overlap)} speakers and {len(shared_noise)} noise recordings in both "
+        f"splits). {label_rule_text(work_dir)}",
         markdown_table(["split", "mixtures", "speakers", "clean files", "noise files", "noise classes", "hours"], rows),
         "### Label distribution by SNR (files, row %)",
         label_distribution(table, "snr_db", "SNR dB"),
@@ -225,28 +228,70 @@ def f1_section(work_dir: Path) -> str:
     ])
 
 
-def routing_section(work_dir: Path) -> str:
+def selector_section(work_dir: Path) -> str:
+    """How the quality selector was trained (REC/predictor/run.json), when the run trained one."""
+    record = work_dir / "recommender" / "predictor" / "run.json"
+    if not record.is_file():
+        return ""
+    training = json.loads(record.read_text()).get("selector_training", {})
+    mae = ", ".join(f"{v:.3f}" for v in training.get("oof_mae", []))
+    return "\n\n".join([
+        "## Quality selector",
+        f"Per-model LightGBM regressors of each model's label-metric gain over the noisy input, on "
+        f"{training.get('files')} training files with `dnsmos_embed` features (CE/KL, cheap descriptors, the "
+        f"input's DNSMOS and the DNSMOS network's pooled and last hidden activations). "
+        f"{training.get('folds')} folds disjoint in speakers AND noise recordings (a file whose speaker "
+        f"and noise fall in different folds is left out of both sides): training files per fold "
+        f"{training.get('fold_train_files')}, {training.get('held_out_files')} files held out once. The "
+        f"deployed predictor is the ensemble of the fold models (mean; spread = uncertainty); the safe "
+        f"policy's margin was chosen on the out-of-fold predictions, never on the test split. Out-of-fold "
+        f"mean absolute error per model: {mae}.",
+    ])
+
+
+def routing_section(work_dir: Path, results_dir: Path) -> str:
+    from serec.report import quality_compute_figure
+    from serec.strategies import verdict
+
     strategies = pd.read_csv(work_dir / "recommendation" / "strategies.csv")
+    records = strategies.to_dict("records")
     files = int(strategies.files.iloc[0])
+    label = str(strategies.label_metric.iloc[0])
+    figure = quality_compute_figure(records)
+    plot = ""
+    if figure is not None:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(results_dir / QUALITY_COMPUTE_PNG) as tmp:
+            figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        plot = f"![quality vs compute]({QUALITY_COMPUTE_PNG})"
     rows = []
     for row in strategies.itertuples(index=False):
-        captured = "" if pd.isna(row.oracle_gain_captured) else f"{100 * row.oracle_gain_captured:.0f}%"
-        per_file_ms = 1000 * row.total_seconds / files if not pd.isna(row.total_seconds) else float("nan")
+        captured = ("" if pd.isna(row.oracle_gain_captured) else
+                    f"{100 * row.oracle_gain_captured:.0f}% [{100 * row.captured_ci_low:.0f}, "
+                    f"{100 * row.captured_ci_high:.0f}]")
         rows.append([row.strategy, _fmt(row.dnsmos_ovr), _fmt(row.dnsmos_sig), _fmt(row.dnsmos_bak),
                      _fmt(row.pesq_wb), _fmt(row.stoi), _fmt(row.si_sdr, 2),
-                     _fmt(row.ovr_gain_over_best_single), captured, _fmt(row.enhancer_seconds, 1),
-                     _fmt(row.recommender_seconds, 1), _fmt(row.dnsmos_seconds, 1),
-                     _fmt(row.total_seconds, 1), _fmt(per_file_ms, 0)])
-    return "\n\n".join([
+                     f"{_fmt(row.gain_over_best_single)} [{_fmt(row.gain_ci_low)}, {_fmt(row.gain_ci_high)}]",
+                     captured, _fmt(row.regret), _fmt(row.total_seconds, 1), _fmt(row.compute_vs_best_single, 2),
+                     _fmt(row.pesq_best_agreement, 2)])
+    return "\n\n".join(filter(None, [
         "## Adaptive selection vs fixed models and the oracle",
-        f"The {files} test files (speakers never seen in training), routed by fold 1's gatekeeper "
-        "and expert (`recommendation/strategies.csv`). Gain = mean OVR minus the best fixed "
-        "model's; captured = that gain as a share of the oracle's. Compute: seconds on one core "
-        "for all test files (enhancer, recommender inference, and for run-all-and-pick the DNSMOS "
-        "scoring of every output).",
-        markdown_table(["strategy", "OVR", "SIG", "BAK", "PESQ-WB", "STOI", "SI-SDR", "OVR gain",
-                        "captured", "enhance s", "recommend s", "DNSMOS s", "total s", "ms/file"], rows),
-    ])
+        f"**Verdict: {verdict(records)}.**",
+        plot,
+        f"The {files} test files (speakers and noise recordings never seen in training; "
+        "`recommendation/strategies.csv`). `adaptive` and `adaptive_single_model` are the thesis's "
+        "classifiers (fold 1's gatekeeper + expert, and single model), routed and enhanced for real; "
+        "the selector's policies (`predict_best` ... `verify_fixed_top2`, `cost_aware@lambda` the sweep) "
+        "are scored from `enhancement_test/scores.csv`, where every model ran on every test file, so "
+        "their outputs and scores are the ones those policies would keep. Gain = mean "
+        f"{METRICS[label].heading} minus the best single model's, with a 95% paired-bootstrap interval over "
+        "files; captured = that gain as a share of the oracle's (with its interval); regret = mean loss per "
+        "file against the oracle; compute = enhancers run + recommender (features + prediction) + DNSMOS "
+        "scorings made to choose, in seconds on one core for all test files, and as a multiple of the "
+        "best single model's; PESQ agree = share of files where the kept model is also the PESQ-best.",
+        markdown_table(["strategy", "OVR", "SIG", "BAK", "PESQ-WB", "STOI", "SI-SDR", "gain [95% CI]",
+                        "captured [95% CI]", "regret", "total s", "x compute", "PESQ agree"], rows),
+    ]))
 
 
 def write_tables(work_dir: Path, results_dir: Path, classes: Mapping[str, str]) -> Path:
@@ -270,10 +315,10 @@ def write_tables(work_dir: Path, results_dir: Path, classes: Mapping[str, str]) 
         + ", ".join(f"{k} {v}" for k, v in run.get("versions", {}).items() if v),
     ])
     sections = [header, dataset_section(work_dir, settings, classes), model_scores_section(work_dir),
-                f1_section(work_dir), routing_section(work_dir),
+                f1_section(work_dir), selector_section(work_dir), routing_section(work_dir, results_dir),
                 "## Time of each step\n\nWall time on this machine (`timings.json`).\n\n" + timings_table(timings)]
     path = results_dir / TABLES_MD
-    write_text_atomic(path, "\n\n".join(sections) + "\n")
+    write_text_atomic(path, "\n\n".join(filter(None, sections)) + "\n")
     write_json_atomic(results_dir / "run.json", run)
     if timings:
         write_json_atomic(results_dir / TIMINGS_JSON, timings)
@@ -316,6 +361,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_backend_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="mixing, enhancement and routing seed")
     p.add_argument("--recommender_seed", type=int, default=42, help="folds and training seed")
+    p.add_argument("--no_quality_selector", action="store_true",
+                   help="leave out the quality selector (its features, training and policies' rows)")
     p.add_argument("--tables_only", action="store_true",
                    help="only rebuild tables.md from the work folder of a finished run")
     return p.parse_args(argv)
@@ -332,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         num_mixtures=args.num_mixtures, test_fraction=args.test_fraction, n_folds=args.n_folds,
         num_epochs=args.num_epochs, num_workers=args.num_workers, seed=args.seed,
         backend=args.backend, ray_address=args.ray_address,
-        recommender_seed=args.recommender_seed,
+        recommender_seed=args.recommender_seed, quality_selector=not args.no_quality_selector,
     )
     command = shlex.join(["python", "-m", "serec.experiment", *(argv if argv is not None else sys.argv[1:])])
     try:

@@ -20,6 +20,7 @@ from serec.exitcodes import ExitStatus
 from serec.fileio import UnsafeFileId, atomic_path, check_file_ids
 from serec.quality import METRICS
 from serec.schema import HEADLINE_METRICS
+from serec.selection import SELECTOR_CHECKPOINT
 
 
 class PipelineError(RuntimeError):
@@ -52,6 +53,9 @@ class PipelineConfig:
     # a local Ray instance, started once and shared by the steps).
     backend: str = "local"
     ray_address: str | None = None
+    # The quality selector beside the thesis's classifiers: DNSMOS-embedding features of both
+    # splits (step 3), its predictor stage (step 4) and every routing policy's row (step 5).
+    quality_selector: bool = True
     seed: int = 0  # mixing, enhancement and recommendation
     recommender_seed: int = 42  # folds, initialisation and sampling of model_recommender_w_scaler.py
 
@@ -205,17 +209,32 @@ def enhancement_step(config: PipelineConfig) -> None:
         ])
 
 
+SELECTOR_FEATURE_SET = "dnsmos_embed"
+
+
+def selector_features(config: PipelineConfig, split: str) -> Path:
+    return config.path(f"features_{split}_{SELECTOR_FEATURE_SET}")
+
+
 def features_step(config: PipelineConfig) -> None:
-    """Workflow step 3: CE/KL features of the training files (step 5 computes the test files' itself)."""
+    """Workflow step 3: CE/KL features of the training files (step 5 computes the test files' itself),
+    and the quality selector's DNSMOS-embedding features of both splits."""
     run_command("features", [
         "--base_data_dir", config.path("train") / "noisy",
         "--output_base_dir", config.path("features_train"), "--num_workers", config.num_workers,
         *_backend_args(config),
     ])
+    if config.quality_selector:
+        for split in ("train", "test"):
+            run_command("features", [
+                "--base_data_dir", config.path(split) / "noisy", "--output_base_dir", selector_features(config, split),
+                "--feature_set", SELECTOR_FEATURE_SET, "--num_workers", config.num_workers, *_backend_args(config),
+            ])
 
 
 def recommender_step(config: PipelineConfig) -> None:
-    """Workflow step 4: gatekeeper, expert and single model on speaker-grouped folds, then the F1 table."""
+    """Workflow step 4: gatekeeper, expert and single model on speaker-grouped folds, the F1 table, and
+    the quality selector on folds disjoint in speakers and noise recordings."""
     common = [
         "--labels_csv", config.path("enhancement_train") / "labels.csv",
         "--audio_dir", config.path("train") / "noisy",
@@ -229,6 +248,14 @@ def recommender_step(config: PipelineConfig) -> None:
     ]
     for stage in ("gatekeeper", "expert", "single", "evaluate_pipeline"):
         run_command("recommender", ["--training_stage", stage, *common])
+    if config.quality_selector:
+        run_command("recommender", [
+            "--training_stage", "predictor", "--labels_csv", config.path("enhancement_train") / "labels.csv",
+            "--metadata_csv", config.path("train") / "metadata.csv",
+            "--cekl_features_base_dir", selector_features(config, "train"),
+            "--output_dir", config.path("recommender"), "--n_folds", config.n_folds,
+            "--seed", config.recommender_seed,
+        ])
 
 
 def recommendation_step(config: PipelineConfig) -> None:
@@ -244,6 +271,8 @@ def recommendation_step(config: PipelineConfig) -> None:
         "--clean_speech_dir", config.path("test") / "clean",
         "--labels_csv", config.path("enhancement_test") / "labels.csv",
         *(["--models_config", config.models_config] if config.models_config else []),
+        *(["--selector", recommender / SELECTOR_CHECKPOINT, "--selector_features_dir", selector_features(config, "test")]
+          if config.quality_selector else []),
         "--num_workers", config.num_workers, "--seed", config.seed,
         *_backend_args(config),
     ])

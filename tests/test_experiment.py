@@ -70,8 +70,14 @@ def test_experiment_end_to_end_writes_every_table_and_resumes(tmp_path: Path) ->
                    "random (class prior)", "tabular (logistic regression on CE/KL features)"):
         assert f"| {system} | " in tables
     n_test = int((metadata.split == "test").sum())
-    for strategy in ("adaptive", "oracle", "always_webrtc", "run_all_pick_best_ovr"):
+    for strategy in ("adaptive", "oracle", "always_webrtc", "run_all_pick_best_ovr", "predict_best",
+                     "predict_best_safe", "cost_aware", "verify_top2", "verify_fixed_top2"):
         assert f"\n| {strategy} | " in tables
+    # The quality selector: trained on speaker- and noise-disjoint folds, its verdict and plot first.
+    assert "## Quality selector" in tables and "**Verdict: " in tables
+    assert tables.index("**Verdict: ") < tables.index("| strategy |")
+    assert (tmp_path / "results" / "tiny" / "quality_vs_compute.png").stat().st_size > 1000
+    assert "0 noise recordings in both splits" in tables
     assert f"The {n_test} test files" in tables
     timings = json.loads((tmp_path / "results" / "tiny" / "timings.json").read_text())
     assert list(timings) == STEPS and all(runs[0]["finished"] for runs in timings.values())

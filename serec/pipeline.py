@@ -329,8 +329,8 @@ def bound_steps(config: PipelineConfig) -> list[tuple[str, Callable[[], None]]]:
 
 STRATEGY_TABLE_COLUMNS = {
     "strategy": "strategy", **{m: METRICS[m].heading for m in HEADLINE_METRICS},
-    "oracle_gain_captured": "captured", "enhancer_seconds": "enhancer_s",
-    "recommender_seconds": "recommend_s", "dnsmos_seconds": "dnsmos_s", "total_seconds": "total_s",
+    "gain_over_best_single": "gain", "gain_ci_low": "ci_low", "gain_ci_high": "ci_high",
+    "oracle_gain_captured": "captured", "total_seconds": "total_s", "compute_vs_best_single": "x_compute",
 }
 
 
@@ -348,7 +348,10 @@ def results_tables(output_dir: Path) -> str:
     table = strategies[list(STRATEGY_TABLE_COLUMNS)].rename(columns=STRATEGY_TABLE_COLUMNS)
     table["captured"] = table["captured"].map(lambda v: "" if pd.isna(v) else f"{100 * v:.0f}%")
     text = table.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="")
-    return (f"{f1}\n\nAdaptive selection vs fixed models and the oracle on the "
+    from serec.strategies import verdict
+
+    return (f"{f1}\n\nverdict: {verdict(strategies.to_dict('records'))}\n\n"
+            f"Adaptive selection vs fixed models and the oracle on the "
             f"{int(strategies.files.iloc[0])} test files (unseen speakers; scores from "
             f"enhancement_test/scores.csv, captured = share of the oracle's OVR gain over the best "
             f"single model)\n{text}")

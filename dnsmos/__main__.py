@@ -3,7 +3,8 @@
 Writes the reference script's columns (filename, len_in_sec, sr, num_hops, OVRL_raw, SIG_raw,
 BAK_raw, OVRL, SIG, BAK, P808_MOS). Files that cannot be scored (unreadable, and, as in every
 serec step, silent, shorter than 0.5 s or non-finite unless --score_anyway) are left out of the
-CSV and listed on stderr; the exit status is 1 if any were, 2 for unusable arguments or models.
+CSV and listed on stderr; the exit status is 3 if any were (serec's "finished, some files
+failed"), 2 for unusable arguments or models, 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"skipped {row['filename']}: {row['error']}", file=sys.stderr)
     note = f"; {len(failed)} file(s) could not be scored (listed above)" if failed else ""
     print(f"scored {len(rows) - len(failed)} file(s) -> {out}{note}")
-    return 1 if failed else 0
+    return ExitStatus.PARTIAL if failed else ExitStatus.OK
 
 
 if __name__ == "__main__":

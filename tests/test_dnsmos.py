@@ -214,7 +214,7 @@ def test_cli_writes_reference_columns(tmp_path: Path, scorer: DNSMOS) -> None:
         text=True,
         timeout=300,
     )
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 3, proc.stderr
     assert "broken.wav" in proc.stderr
     with open(out, newline="") as fh:
         rows = list(csv.DictReader(fh))

@@ -154,11 +154,11 @@ def test_dnsmos_cli_applies_the_validation_rule_of_every_step(tmp_path: Path) ->
         return done, sorted(Path(f).name for f in pd.read_csv(out).filename)
 
     done, scored = dnsmos()
-    assert done.returncode == 1 and scored == ["good.wav"]
+    assert done.returncode == 3 and scored == ["good.wav"]
     for name, reason in [("silent", "all-silent"), ("short", "too short"), ("broken", "broken symbolic link")]:
         assert f"skipped {folder / name}.wav: {reason}" in done.stderr
     done, scored = dnsmos("--score_anyway")
-    assert done.returncode == 1 and scored == ["good.wav", "short.wav", "silent.wav"]
+    assert done.returncode == 3 and scored == ["good.wav", "short.wav", "silent.wav"]
     assert "broken symbolic link" in done.stderr
 
 

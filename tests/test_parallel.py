@@ -268,7 +268,9 @@ def test_ctrl_c_keeps_finished_rows_and_exits_130_at_once(tmp_path: Path) -> Non
     os.killpg(proc.pid, signal.SIGINT)  # the terminal sends it to the whole process group
     started = time.monotonic()
     proc.wait(timeout=60)
-    assert time.monotonic() - started < 8
+    # At once: without the handling it waits for the chunks in flight (minutes); 20 s leaves
+    # room for a loaded 2-core CI machine.
+    assert time.monotonic() - started < 20
     stderr = (tmp_path / "stderr.txt").read_text()
     assert proc.returncode == 130
     assert "Traceback" not in stderr and "interrupted" in stderr.splitlines()[-1]

@@ -104,8 +104,11 @@ def test_ctrl_c_leaves_no_half_written_file(
                str(noise_dir), "--output_dir", str(out), "--num_mixtures", "5000",
                "--save_noise", "--num_workers", str(workers)]
     # A new session, so SIGINT goes to the script and its workers together, as from a terminal.
+    # SIGINT's default disposition too: a shell starts background jobs (CI runners, `make
+    # test &`) with SIGINT ignored, and Python then never raises KeyboardInterrupt.
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while len(list((out / "noisy").glob("*.wav"))) < 5 and time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()

@@ -230,6 +230,9 @@ def _start_slow_driver(tmp_path: Path, n_files: int) -> tuple[subprocess.Popen, 
             [sys.executable, str(script), "--noisy_dir", str(noisy), "--output_dir", str(out),
              "--models", "test_slow", "--num_workers", "2", "--chunk_size", "1"],
             stdout=stdout, stderr=stderr, text=True, start_new_session=True,
+            # A shell starts background jobs (CI, `make test &`) with SIGINT ignored; Python
+            # then never raises KeyboardInterrupt, so the Ctrl-C test restores the default.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -51,9 +51,13 @@ from serec.selection import (
     selector_strategies,
     time_recommender,
 )
-from serec.strategies import VERIFY_METRIC, EnhancementScores, Strategy
+from serec.strategies import VERIFY_METRIC, EnhancementScores, Strategy, cached_timing, timing_key
 
 VERIFY_DIR = "verify"
+# The selector's measured seconds per file (features + prediction), reused while its inputs
+# are unchanged, like dnsmos_timing.json.
+SELECTOR_TIMING_JSON = "selector_timing.json"
+TIMED_FILES = 8
 PREDICTION_PREFIX = "pred_"  # recommendations.csv: each model's predicted gain
 
 
@@ -277,7 +281,10 @@ def policy_rows(run: SelectorRun, out_dir: Path, noisy_dir: Path | None, feature
         if not math.isfinite(seconds):
             seconds = predictions.seconds_per_file
         if not math.isfinite(seconds) and noisy_dir is not None:
-            seconds = time_recommender(run.settings, run.predictor, [noisy_dir / f for f in files])
+            sample = [noisy_dir / f for f in files][:TIMED_FILES]
+            key = timing_key(sample, selector_sha256=run.describe()["selector"]["sha256"])
+            seconds = cached_timing(out_dir / SELECTOR_TIMING_JSON, key,
+                                    lambda: time_recommender(run.settings, run.predictor, sample))
         usable = [f for f in files if f in set(predictions.files)]
         return selector_strategies(run.settings, predictions.of(usable), usable, scores,
                                    recommender_seconds_per_file=seconds, cost_lambda=run.cost_lambda,

@@ -414,6 +414,32 @@ def inference_seconds_per_file(out_dir: str | os.PathLike[str]) -> float:
     return float(timing.get("seconds", 0.0)) / files if files else math.nan
 
 
+def timing_key(paths: Sequence[str | os.PathLike[str]], **extra: Any) -> dict[str, Any]:
+    """What a timing on this machine depends on: the timed files (path, size, modification
+    time), host, cores and onnxruntime version, plus `extra` (e.g. a checkpoint's sha256)."""
+    import onnxruntime
+
+    return {
+        "files": [[str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths],
+        "host": platform.node(),
+        "cores": os.cpu_count(),
+        "onnxruntime": onnxruntime.__version__,
+        **extra,
+    }
+
+
+def cached_timing(cache: Path | None, key: Mapping[str, Any], measure: Callable[[], float]) -> float:
+    """measure(), or the seconds `cache` (a JSON file) kept for the same key."""
+    if cache is not None and cache.is_file():
+        saved = json.loads(cache.read_text(encoding="utf-8"))
+        if saved.get("key") == key:
+            return float(saved["seconds_per_file"])
+    seconds = measure()
+    if cache is not None:
+        write_json_atomic(cache, {"key": dict(key), "seconds_per_file": seconds})
+    return seconds
+
+
 def measure_dnsmos_seconds_per_file(
     paths: Sequence[str | os.PathLike[str]], max_files: int = 16, cache: Path | None = None
 ) -> float:
@@ -424,25 +450,10 @@ def measure_dnsmos_seconds_per_file(
     `cache` (a JSON file), a timing measured before for the same timed files (path, size,
     modification time), machine and onnxruntime version is reused instead of re-measured.
     """
-    import onnxruntime
-
     sample = list(paths)[:max_files]
     if not sample:
         return math.nan
-    key = {
-        "files": [[str(Path(p).resolve()), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in sample],
-        "host": platform.node(),
-        "cores": os.cpu_count(),
-        "onnxruntime": onnxruntime.__version__,
-    }
-    if cache is not None and cache.is_file():
-        saved = json.loads(cache.read_text(encoding="utf-8"))
-        if saved.get("key") == key:
-            return float(saved["seconds_per_file"])
-    seconds = _time_dnsmos(sample)
-    if cache is not None:
-        write_json_atomic(cache, {"key": key, "seconds_per_file": seconds})
-    return seconds
+    return cached_timing(cache, timing_key(sample), lambda: _time_dnsmos(sample))
 
 
 def _time_dnsmos(sample: Sequence[str | os.PathLike[str]]) -> float:

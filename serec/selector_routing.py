@@ -25,7 +25,6 @@ from tqdm import tqdm
 
 from serec.assessment import evaluate_rec_folders
 from serec.audio import AudioError, file_id, list_audio_files
-from serec.feature_files import load_feature_matrix
 from serec.fileio import RowLog, atomic_path, write_csv_atomic, write_json_atomic
 from serec.parallel import Backend
 from serec.predictor import QualityPredictor
@@ -46,8 +45,10 @@ from serec.selection import (
     PolicyChoice,
     SelectionError,
     choose,
+    kept_by_verification,
     load_selector,
     policy_names,
+    predict_files,
     selector_strategies,
     time_recommender,
 )
@@ -122,11 +123,7 @@ def predict_folder(run: SelectorRun, noisy_dir: Path, files: Sequence[str],
     from serec.parallel import use_single_thread
 
     if features_dir is not None:
-        features, names = load_feature_matrix(features_dir, list(files))
-        if names != run.predictor.feature_names:
-            raise SelectionError(f"{features_dir}: its features are not the selector's "
-                                 f"({run.settings['feature_set']}); compute them with that --feature_set")
-        return Predictions(list(files), run.predictor.predict(features)[0], {}, math.nan)
+        return Predictions(list(files), predict_files(run.settings, run.predictor, features_dir, files), {}, math.nan)
     use_single_thread()
     done, rows, errors, seconds = [], [], {}, 0.0
     for fid in tqdm(files, desc="predict", unit="file"):
@@ -197,8 +194,6 @@ def verify_candidates(
     evaluate: Callable[[Path], Any],
 ) -> list[str]:
     """Run each file's candidates (rank i into candidate_<i>/), score them, keep the DNSMOS-best."""
-    from serec.policies import verify
-
     k = len(choice.ran[0])
     models = sorted({m for ran in choice.ran for m in ran})
     scores = np.full((len(files), len(models)), math.nan)
@@ -213,8 +208,7 @@ def verify_candidates(
             if row["status"] == "ok" and row["file"] in row_of:
                 value = row.get(f"enhanced_{VERIFY_METRIC}", "")
                 scores[row_of[row["file"]], models.index(row["routed_model"])] = float(value) if value else math.nan
-    candidates = np.array([[models.index(m) for m in ran] for ran in choice.ran])
-    return [models[i] for i in verify(candidates, scores)]
+    return kept_by_verification(choice, scores, models)
 
 
 def _place_verified(out_dir: Path, routes: Sequence[Route], k: int) -> None:

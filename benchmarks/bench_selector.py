@@ -24,7 +24,8 @@ import numpy as np
 from serec.audio import list_audio_files
 from serec.features import feature_names, file_features
 from serec.parallel import use_single_thread
-from serec.predictor import QualityPredictor, crossed_folds
+from serec.predictor import QualityPredictor
+from serec.recommender.folds import crossed_folds
 
 
 def parse_args() -> argparse.Namespace:
@@ -46,8 +47,9 @@ def main() -> None:
     rng = np.random.default_rng(0)
     features = rng.standard_normal((args.files, len(names)))
     gains = rng.normal(0.5, 0.3, (args.files, args.models))
-    folds = crossed_folds([f"s{i}" for i in rng.integers(0, args.speakers, args.files)],
-                          [f"n{i}" for i in rng.integers(0, args.noises, args.files)], args.folds, seed=0)
+    run = crossed_folds(rng.choice(["a", "b"], args.files), [f"s{i}" for i in rng.integers(0, args.speakers, args.files)],
+                        [f"n{i}" for i in rng.integers(0, args.noises, args.files)], args.folds, seed=0)
+    folds = [(run.training_part(k), run.held_out == k) for k in range(1, args.folds + 1)]
     wall, cpu = time.perf_counter(), time.process_time()
     predictor, _ = QualityPredictor.fit(features, gains, folds, [f"m{j}" for j in range(args.models)], names)
     train_wall, train_cpu = time.perf_counter() - wall, time.process_time() - cpu

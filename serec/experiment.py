@@ -280,7 +280,7 @@ def routing_section(work_dir: Path, results_dir: Path) -> str:
         plot,
         f"The {files} test files (speakers and noise recordings never seen in training; "
         "`recommendation/strategies.csv`). `adaptive` and `adaptive_single_model` are the thesis's "
-        "classifiers (fold 1's gatekeeper + expert, and single model), routed and enhanced for real; "
+        "classifiers (gatekeeper + expert, and single model, refitted on every training file), routed and enhanced for real; "
         "the selector's policies (`predict_best` ... `verify_fixed_top2`, `cost_aware@lambda` the sweep) "
         "are scored from `enhancement_test/scores.csv`, where every model ran on every test file, so "
         "their outputs and scores are the ones those policies would keep. Gain = mean "

@@ -233,8 +233,8 @@ def features_step(config: PipelineConfig) -> None:
 
 
 def recommender_step(config: PipelineConfig) -> None:
-    """Workflow step 4: gatekeeper, expert and single model on speaker-grouped folds, the F1 table, and
-    the quality selector on folds disjoint in speakers and noise recordings."""
+    """Workflow step 4: gatekeeper, expert and single model, the F1 table, and the quality selector,
+    all on the same folds (REC/folds.csv), disjoint in speakers and noise recordings."""
     common = [
         "--labels_csv", config.path("enhancement_train") / "labels.csv",
         "--audio_dir", config.path("train") / "noisy",
@@ -244,7 +244,7 @@ def recommender_step(config: PipelineConfig) -> None:
         "--pretrained_models", "none", "--ast_size", "tiny", "--use_hybrid_features",
         "--use_weighted_sampler", "--learning_rate", "5e-4", "--n_folds", config.n_folds,
         "--num_epochs", config.num_epochs, "--patience", max(2, config.num_epochs // 3),
-        "--seed", config.recommender_seed,
+        "--seed", config.recommender_seed, "--refit",
     ]
     for stage in ("gatekeeper", "expert", "single", "evaluate_pipeline"):
         run_command("recommender", ["--training_stage", stage, *common])
@@ -259,14 +259,15 @@ def recommender_step(config: PipelineConfig) -> None:
 
 
 def recommendation_step(config: PipelineConfig) -> None:
-    """Workflow step 5: route the unseen test speakers' files with fold 1's models, enhance, compare."""
+    """Workflow step 5: route the unseen test speakers' files with the models refitted on every
+    training file, enhance, compare."""
     recommender = config.path("recommender")
     run_command("recommendation", [
         "--noisy_speech_dir", config.path("test") / "noisy",
         "--enhanced_dir", config.path("recommendation"),
-        "--gatekeeper_model_path", recommender / "gatekeeper_model_fold_1_best.pth",
-        "--expert_model_path", recommender / "expert_model_fold_1_best_hybrid.pth",
-        "--single_model_path", recommender / "single_model_fold_1_best.pth",
+        "--gatekeeper_model_path", recommender / "gatekeeper_model_fold_all_best.pth",
+        "--expert_model_path", recommender / "expert_model_fold_all_best_hybrid.pth",
+        "--single_model_path", recommender / "single_model_fold_all_best.pth",
         "--use_hybrid_features",
         "--clean_speech_dir", config.path("test") / "clean",
         "--labels_csv", config.path("enhancement_test") / "labels.csv",

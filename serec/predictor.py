@@ -88,8 +88,8 @@ class QualityPredictor:
 
         `gains` is (files, models), NaN where a model failed on a file (that pair is left
         out of that model's training). `folds` are (train, held-out) boolean masks over the
-        files, one pair per fold (crossed_folds makes them); a file in no held-out set keeps
-        NaN out-of-fold predictions.
+        files, one pair per fold (from recommender.folds.Folds); a file in no held-out set
+        keeps NaN out-of-fold predictions.
         """
         lgb = _lightgbm()
         features = np.asarray(features, dtype=np.float64)
@@ -176,33 +176,3 @@ def gain_table(
         for j, model in enumerate(models):
             table[i, j] = scores.get((fid, model), math.nan) - base
     return table
-
-
-def crossed_folds(
-    speakers: Sequence[str], noises: Sequence[str], n_folds: int, seed: int
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """K folds disjoint in speakers AND noise recordings: (train, held-out) masks per fold.
-
-    Speakers and noise recordings are each dealt to K folds (seeded shuffles). Fold k
-    holds out the files whose speaker and noise are both in k and trains on those whose
-    speaker and noise are both elsewhere; a file with one in k and the other not is left
-    out of both sides of fold k, so no held-out file shares a speaker or a noise recording
-    with the files its fold model learnt from.
-    """
-    if n_folds < 2:
-        raise PredictorError(f"need at least 2 folds, got {n_folds}")
-    rng = np.random.default_rng(seed)
-
-    def deal(keys: Sequence[str]) -> np.ndarray:
-        unique = sorted(set(keys))
-        if len(unique) < n_folds:
-            raise PredictorError(f"{len(unique)} distinct values cannot fill {n_folds} folds: {unique[:5]}")
-        fold_of = dict(zip([unique[i] for i in rng.permutation(len(unique))],
-                           np.arange(len(unique)) % n_folds, strict=True))
-        return np.array([fold_of[k] for k in keys])
-
-    speaker_fold, noise_fold = deal(speakers), deal(noises)
-    return [
-        ((speaker_fold != k) & (noise_fold != k), (speaker_fold == k) & (noise_fold == k))
-        for k in range(n_folds)
-    ]

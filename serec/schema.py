@@ -33,7 +33,9 @@ LABEL_SCORE_SUFFIX = "_ovr"
 
 # Step 4: the recommender's output folder.
 FOLDS_CSV = "folds.csv"
-FOLD_COLUMNS = ("file", "fold")
+# fold: the fold that holds the file out (0: none); speaker_fold, noise_fold: the folds of its
+# speaker and noise recording (a fold trains on files with neither there).
+FOLD_COLUMNS = ("file", "fold", "speaker_fold", "noise_fold")
 
 # Step 5: recommendation_driver.py's output folder.
 RECOMMENDATIONS_CSV = "recommendations.csv"
@@ -136,14 +138,17 @@ def read_scores(path: str | os.PathLike[str]) -> list[Row]:
     return read_rows(path, ("file", "system", "status"))[1]
 
 
-def read_folds(path: str | os.PathLike[str]) -> dict[str, int]:
-    """folds.csv as {file: fold}."""
-    return {r["file"]: int(r["fold"]) for r in read_rows(path, FOLD_COLUMNS)[1]}
+def read_folds(path: str | os.PathLike[str]) -> dict[str, tuple[int, int, int]]:
+    """folds.csv as {file: (fold, speaker_fold, noise_fold)}; a folds.csv of speaker folds
+    only (file, fold: older runs) reads as speaker_fold = noise_fold = fold."""
+    rows = read_rows(path, FOLD_COLUMNS[:2])[1]
+    return {r["file"]: (int(r["fold"]), int(r.get("speaker_fold") or r["fold"]),
+                        int(r.get("noise_fold") or r["fold"])) for r in rows}  # fmt: skip
 
 
-def write_folds(path: str | os.PathLike[str], folds: Mapping[str, int]) -> Path:
-    return write_csv_atomic(path, FOLD_COLUMNS,
-                            ({"file": f, "fold": int(k)} for f, k in folds.items()))  # fmt: skip
+def write_folds(path: str | os.PathLike[str], folds: Mapping[str, tuple[int, int, int]]) -> Path:
+    return write_csv_atomic(path, FOLD_COLUMNS, (dict(zip(FOLD_COLUMNS, (f, *k), strict=True))
+                                                 for f, k in folds.items()))  # fmt: skip
 
 
 def read_recommendations(out_dir: str | os.PathLike[str]) -> list[Row]:

@@ -38,7 +38,7 @@ from serec.policies import (
     top_k,
     verify,
 )
-from serec.predictor import QualityPredictor, crossed_folds
+from serec.predictor import QualityPredictor
 from serec.quality import METRICS
 from serec.strategies import (
     VERIFY_METRIC,
@@ -147,6 +147,10 @@ def train_selector(
     """
     import torch
 
+    # Imported here: the recommender package loads the AST's libraries, which routing never needs.
+    from serec.recommender.errors import RecommenderError
+    from serec.recommender.folds import read_labels, run_folds
+
     label_metric = label_metric or recorded_label_metric(labels_csv)
     data = load_gain_data(labels_csv, feat_dir, label_metric)
     metadata = pd.read_csv(metadata_csv, dtype={"file": str, "speaker": str, "noise_source": str})
@@ -158,9 +162,16 @@ def train_selector(
     unknown = [f for f in data.files if f not in meta.index]
     if unknown:
         raise SelectionError(f"{metadata_csv}: {len(unknown)} files of {labels_csv} are not listed, e.g. {unknown[0]}")
-    folds = crossed_folds(
-        [meta.at[f, "speaker"] for f in data.files], [meta.at[f, "noise_source"] for f in data.files], n_folds, seed
-    )
+    # The folds of the thesis' stages in the same output folder (folds.csv), so both are
+    # validated on the same speaker- and noise-disjoint folds.
+    try:
+        labels = read_labels(labels_csv)
+        _, run = run_folds(Path(checkpoint_path).parent, labels, metadata_csv, n_folds, seed)
+    except RecommenderError as exc:
+        raise SelectionError(str(exc)) from exc
+    rows = dict(zip(labels.file, range(len(labels)), strict=True))
+    idx = np.array([rows[f] for f in data.files])
+    folds = [(run.training_part(k)[idx], run.held_out[idx] == k) for k in range(1, n_folds + 1)]
     fit_kwargs = {} if num_rounds is None else {"num_rounds": num_rounds}
     predictor, oof = QualityPredictor.fit(
         data.features, data.gains, folds, data.models, data.feature_names, seed=seed, **fit_kwargs

@@ -18,7 +18,7 @@ from serec.policies import (
     top_k,
     verify,
 )
-from serec.predictor import PredictorError, QualityPredictor, crossed_folds, gain_table
+from serec.predictor import PredictorError, QualityPredictor, gain_table
 
 
 def _planted(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -141,22 +141,3 @@ def test_captured_share_is_the_ratio_of_gains() -> None:
     share = captured_share(strategy, baseline, oracle, seed=0)
     assert share.estimate == pytest.approx(0.75)
     assert share.low == pytest.approx(0.75) and share.high == pytest.approx(0.75)
-
-
-def test_crossed_folds_share_no_speaker_or_noise_between_sides() -> None:
-    rng = np.random.default_rng(0)
-    speakers = [f"spk{i}" for i in rng.integers(0, 12, 400)]
-    noises = [f"noise{i}" for i in rng.integers(0, 15, 400)]
-    folds = crossed_folds(speakers, noises, 4, seed=3)
-    assert len(folds) == 4
-    held_anywhere = np.zeros(400, bool)
-    for train, held in folds:
-        assert held.any() and train.any() and not (train & held).any()
-        for keys in (speakers, noises):
-            assert not {keys[i] for i in np.flatnonzero(train)} & {keys[i] for i in np.flatnonzero(held)}
-        held_anywhere |= held
-    # Each file is held out at most once (its speaker's fold must equal its noise's).
-    assert sum(int(h.sum()) for _, h in folds) == int(held_anywhere.sum())
-    assert crossed_folds(speakers, noises, 4, seed=3)[0][1].tolist() == folds[0][1].tolist()
-    with pytest.raises(PredictorError, match="cannot fill"):
-        crossed_folds(["a", "b"], ["x", "y"], 3, seed=0)

@@ -20,6 +20,7 @@ from serec.recommender.config import RecommenderConfig
 from serec.recommender.errors import RecommenderError
 from serec.recommender.fbank import FbankSpec, compute_fbank
 from serec.recommender.folds import (
+    crossed_folds,
     file_groups,
     inner_validation_mask,
     load_or_make_folds,
@@ -88,12 +89,36 @@ def test_folds_are_stratified_grouped_and_deterministic():
         make_folds(table.label[:20], groups[:20], n_folds=5, seed=0)
 
 
+def test_crossed_folds_share_no_speaker_or_noise_between_sides() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.choice(["A", "B", "C"], 400)
+    speakers = np.array([f"spk{i}" for i in rng.integers(0, 12, 400)])
+    noises = np.array([f"noise{i}" for i in rng.integers(0, 15, 400)])
+    folds = crossed_folds(labels, speakers, noises, 4, seed=3)
+    assert sorted(set(folds.held_out)) == [0, 1, 2, 3, 4]
+    for k in range(1, 5):
+        train, held = folds.training_part(k), folds.held_out == k
+        assert held.any() and train.any() and not (train & held).any()
+        for keys in (speakers, noises):
+            assert not set(keys[train]) & set(keys[held])
+        # A crossed file (speaker in k, noise elsewhere, or the reverse) is on neither side.
+        crossed = (folds.speaker == k) != (folds.noise == k)
+        assert crossed.any() and not (crossed & (train | held)).any()
+    np.testing.assert_array_equal(crossed_folds(labels, speakers, noises, 4, seed=3).held_out, folds.held_out)
+    # Without noise recordings the folds are the speaker folds, and every file is held out once.
+    by_speaker = crossed_folds(labels, speakers, None, 4, seed=3)
+    np.testing.assert_array_equal(by_speaker.held_out, make_folds(labels, speakers, 4, 3))
+    np.testing.assert_array_equal(by_speaker.training_part(2), by_speaker.held_out != 2)
+    with pytest.raises(RecommenderError, match="only 2 noise recordings for 3 folds"):
+        crossed_folds(labels[:6], speakers[:6], np.array(["x", "y"] * 3), 3, seed=0)
+
+
 def test_folds_are_written_once_and_reused_or_refused(tmp_path):
     table = labelled_files().sort_values("file").reset_index(drop=True)
     groups, how = file_groups(list(table.file))
-    folds = load_or_make_folds(tmp_path, table, groups, how, 5, 42)
+    folds = load_or_make_folds(tmp_path, table, groups, how, 5, 42).held_out
     written = pd.read_csv(tmp_path / "folds.csv")
-    assert list(written.columns) == ["file", "fold"]
+    assert list(written.columns) == ["file", "fold", "speaker_fold", "noise_fold"]
     assert json.loads((tmp_path / "folds.json").read_text())["seed"] == 42
     # A later stage (any seed for its models) gets exactly these folds back, even if the
     # grouping code would now split differently.
@@ -101,7 +126,11 @@ def test_folds_are_written_once_and_reused_or_refused(tmp_path):
         written.assign(fold=written.fold % 5 + 1).to_csv(index=False)
     )
     reused = load_or_make_folds(tmp_path, table, groups, how, 5, 42)
-    np.testing.assert_array_equal(reused, folds % 5 + 1)
+    np.testing.assert_array_equal(reused.held_out, folds % 5 + 1)
+    # An older folds.csv of speaker folds only reads as held out by the speaker's fold.
+    (tmp_path / "folds.csv").write_text(written[["file", "fold"]].to_csv(index=False))
+    np.testing.assert_array_equal(load_or_make_folds(tmp_path, table, groups, how, 5, 42).training_part(1),
+                                  folds != 1)
     relabelled = table.copy()
     relabelled.loc[3, "label"] = "StoRM" if table.label[3] != "StoRM" else "SGMSE"
     with pytest.raises(RecommenderError, match="labels_sha256"):
@@ -205,28 +234,40 @@ def write_features(feat_dir: Path, table: pd.DataFrame, rng: np.random.Generator
     return matrix.astype(np.float32)
 
 
-def test_scaler_and_model_see_only_the_training_part(tmp_path, rng):
+@pytest.mark.parametrize("crossed", [False, True], ids=["speaker folds", "speaker x noise folds"])
+def test_scaler_and_model_see_only_the_training_part(tmp_path, rng, crossed):
     table = labelled_files(n_speakers=10)
     labels_csv = write_labels(tmp_path / "labels.csv", table)
     matrix = write_features(tmp_path / "feat", table, rng)
+    metadata_csv = None
+    if crossed:  # with the mixing metadata's noise_source, folds are crossed with noise recordings
+        metadata_csv = tmp_path / "metadata.csv"
+        pd.DataFrame({"file": table.file, "speaker": table.file.str.split("_").str[1],
+                      "noise_source": [f"noise{i}.wav" for i in rng.integers(0, 8, len(table))]}
+                     ).to_csv(metadata_csv, index=False)
     cfg = RecommenderConfig(
         labels_csv=labels_csv,
         output_dir=tmp_path / "rec",
         cekl_features_base_dir=tmp_path / "feat",
+        metadata_csv=metadata_csv,
         model_kind="logistic_regression",
         n_folds=5,
     )
     result = train_stage(cfg, "single")
-    folds = pd.read_csv(tmp_path / "rec" / "folds.csv").set_index("file").fold
+    folds = pd.read_csv(tmp_path / "rec" / "folds.csv").set_index("file")
+    assert (folds.fold == 0).any() == crossed  # crossed files are held out by no fold
     by_file = dict(zip(table.file, matrix, strict=True))
     for fold_result in result.folds:
         model, meta = load_checkpoint(fold_result.checkpoint)
         assert (meta.stage, meta.fold, meta.kind) == ("single", fold_result.fold,
                                                       "logistic_regression")  # fmt: skip
-        held_out = set(folds.index[folds == fold_result.fold])
+        k = fold_result.fold
+        held_out = set(folds.index[folds.fold == k])
         inner_val = set(meta.record.inner_val_files)
-        fit = [f for f in folds.index if f not in held_out and f not in inner_val]
+        training = folds.index[(folds.speaker_fold != k) & (folds.noise_fold != k)]
+        fit = [f for f in training if f not in inner_val]
         assert not inner_val & held_out and meta.record.n_train_files == len(fit)
+        assert inner_val <= set(training)
         fit_matrix = np.stack([by_file[f] for f in fit])
         scaler = model.network
         np.testing.assert_allclose(scaler.feature_mean.numpy(), fit_matrix.mean(axis=0), rtol=1e-5)
@@ -237,9 +278,27 @@ def test_scaler_and_model_see_only_the_training_part(tmp_path, rng):
             model.predict_proba(ModelInputs(features=test_matrix)), fold_result.proba, atol=1e-6
         )
     # The fold holding speaker 0 must have a scaler that never saw its +1000 offset.
-    spk0_fold = int(folds[table.file[0]])
+    spk0_fold = int(folds.speaker_fold[table.file[0]])
     model = load_checkpoint(result.folds[spk0_fold - 1].checkpoint)[0]
     assert model.network.feature_mean[0] < 100
+
+
+def test_refit_trains_on_every_file_and_is_held_out_of_the_report(tmp_path, rng):
+    table = labelled_files(n_speakers=6)
+    labels_csv = write_labels(tmp_path / "labels.csv", table)
+    write_features(tmp_path / "feat", table, rng)
+    cfg = RecommenderConfig(labels_csv=labels_csv, output_dir=tmp_path / "rec", cekl_features_base_dir=tmp_path / "feat",
+                            model_kind="logistic_regression", n_folds=3, refit=True)
+    result = train_stage(cfg, "single")
+    assert [f.fold for f in result.folds] == [1, 2, 3]
+    assert result.refit == tmp_path / "rec" / "single_model_fold_all_best.pth"
+    meta = load_checkpoint(result.refit)[1]
+    assert meta.fold == 0
+    assert meta.record.n_train_files == len(table) - len(meta.record.inner_val_files) > 0
+    # The fold checkpoints do not depend on --refit: a run without it reuses them.
+    stamps = {f.checkpoint: f.checkpoint.stat().st_mtime_ns for f in result.folds}
+    again = train_stage(RecommenderConfig(**{**cfg.__dict__, "refit": False}), "single")
+    assert again.refit is None and {f.checkpoint: f.checkpoint.stat().st_mtime_ns for f in again.folds} == stamps
 
 
 def test_config_refuses_templates_without_fold(tmp_path):

@@ -107,6 +107,9 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label_smoothing", type=float, default=cfg.label_smoothing)
     p.add_argument("--n_folds", type=int, default=cfg.n_folds)
     p.add_argument("--folds", type=int, nargs="+", help="run only these fold numbers (1..n_folds)")
+    p.add_argument("--refit", action="store_true",
+                   help="also train each stage on every labelled file (checkpoints named with fold "
+                   "'all'): the model to deploy in recommendation_driver.py")
     p.add_argument("--seed", type=int, default=cfg.seed)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=cfg.device)
     p.add_argument("--num_threads", type=int, default=0,
@@ -173,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                 skipped = result.skipped
                 print(format_table(stage_report["summary"], f"{stage}: held-out folds (mean ± std)"))
                 print(f"checkpoints: {', '.join(str(f.checkpoint) for f in result.folds)}")
+                if result.refit:
+                    print(f"refit on every file (deploy this one): {result.refit}")
                 print(f"reports in {result.stage_dir}")
     except (RecommenderError, OutputLocked, SelectionError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

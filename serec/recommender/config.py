@@ -10,6 +10,9 @@ from serec.recommender.errors import RecommenderError
 from serec.recommender.kinds import FitSettings, kind_class
 
 # The thesis' --feature_type named the model kind by its input; kept as an alias.
+# The fold number of a refit (--refit): trained on every labelled file, held out none; its
+# checkpoints are named with "all" for {fold}. It is the model to deploy.
+REFIT_FOLD = 0
 FEATURE_TYPE_KINDS = {"mel_spec": "ast", "cekl": "logistic_regression"}
 
 
@@ -37,6 +40,7 @@ class RecommenderConfig:
     label_smoothing: float = 0.1
     n_folds: int = 5
     folds: list[int] | None = None
+    refit: bool = False
     seed: int = 42
     device: str = "auto"
     gatekeeper_class: str | None = None
@@ -64,10 +68,16 @@ class RecommenderConfig:
     def fold_numbers(self) -> list[int]:
         return sorted(set(self.folds)) if self.folds else list(range(1, self.n_folds + 1))
 
+    @property
+    def training_folds(self) -> list[int]:
+        """The folds a stage trains: fold_numbers, then the refit when asked for."""
+        return [*self.fold_numbers, *([REFIT_FOLD] if self.refit else [])]
+
     def checkpoint_path(self, stage: str, fold: int) -> Path:
-        """A stage's checkpoint for a fold; relative templates resolve inside output_dir."""
+        """A stage's checkpoint for a fold ("all" for the refit); relative templates resolve
+        inside output_dir."""
         template = getattr(self, f"{stage}_model_path")
-        path = Path(template.format(fold=fold))
+        path = Path(template.format(fold="all" if fold == REFIT_FOLD else fold))
         return path if path.is_absolute() else self.output_dir / path
 
     def check_inputs(self, reads_audio: bool, reads_features: bool) -> None:

@@ -213,7 +213,7 @@ def _two_stage_fold(
 
     gk_class = data.gatekeeper_class
     expert_classes = loaded["expert"][1].class_names
-    test_rows = np.flatnonzero(data.folds == fold)
+    test_rows = np.flatnonzero(data.folds.held_out == fold)
     val_set = set(loaded["gatekeeper"][1].record.inner_val_files)
     val_rows = np.flatnonzero([f in val_set for f in data.files])
     y_test = data.labels[test_rows]
@@ -243,8 +243,8 @@ def _baselines(
 ) -> dict[str, np.ndarray]:
     """Tabular (logistic regression on the features), majority and stratified random
     predictions of the held-out fold, each fitted on the other folds."""
-    held_out = data.folds == fold
-    train_rows, test_rows = np.flatnonzero(~held_out), np.flatnonzero(held_out)
+    train_rows = np.flatnonzero(data.folds.training_part(fold))
+    test_rows = np.flatnonzero(data.folds.held_out == fold)
     classes = np.asarray(data.classes, dtype=object)
     y_train = data.labels[train_rows]
     predictions: dict[str, np.ndarray] = {}
@@ -266,7 +266,7 @@ def _evaluate_fold(
     fold: int, loaded: Loaded, data: ExperimentData, cfg: RecommenderConfig, ev: _Evaluation
 ) -> None:
     _check_consistency(loaded, data, cfg)
-    test_rows = np.flatnonzero(data.folds == fold)
+    test_rows = np.flatnonzero(data.folds.held_out == fold)
     y_test = data.labels[test_rows]
     predictions, p_gk_test = _two_stage_fold(fold, loaded, data, cfg, ev)
     if "single" in loaded:
@@ -341,7 +341,8 @@ def evaluate_pipeline(cfg: RecommenderConfig) -> PipelineReport:
         "gatekeeper_thresholds": {str(k): v for k, v in ev.thresholds.items()},
         "notes": {
             "protocol": "each fold's held-out files are predicted by models trained without "
-            "them; thresholds are chosen on each gatekeeper's inner validation split",
+            "their speakers (and, with the mixing metadata, their noise recordings); thresholds "
+            "are chosen on each gatekeeper's inner validation split",
             "std": "sample standard deviation over folds (ddof 1)",
             "tabular": f"logistic regression on {', '.join(data.feature_names)}"
             if data.features is not None else "not run: pass --cekl_features_base_dir",
@@ -350,8 +351,10 @@ def evaluate_pipeline(cfg: RecommenderConfig) -> PipelineReport:
         },
     }
     write_report(out_dir, report, ev.per_fold, data.classes)
+    held_out = int(np.isin(data.folds.held_out, list(checkpoints)).sum())
     table = format_table(
         summary,
-        f"macro F1 over {len(checkpoints)} held-out folds (mean ± std), {len(data.files)} files",
+        f"macro F1 over {len(checkpoints)} held-out folds (mean ± std), {held_out} of "
+        f"{len(data.files)} files held out",
     )
     return PipelineReport(summary=summary, table=table, out_dir=out_dir, skipped=data.skipped)

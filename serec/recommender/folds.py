@@ -1,9 +1,14 @@
-"""Which files the recommender learns from and how they are split: labels.csv, speaker groups,
-the shared k folds (folds.csv) and each fold's inner validation split.
+"""Which files the recommender learns from and how they are split: labels.csv, speaker and
+noise-recording groups, the shared k folds (folds.csv) and each fold's inner validation split.
 
 These fix the thesis' leaks (upstream.md section 1): folds are stratified by label and
 grouped by speaker, written once to folds.csv and reused by every stage; the best epoch,
-early stopping and the feature scaler use only the fold's training part.
+early stopping and the feature scaler use only the fold's training part. With the mixing
+metadata (its noise_source column), folds are crossed: speakers and noise recordings are
+each dealt to the k folds, fold k holds out the files whose speaker and noise are both in
+k and trains on those whose speaker and noise are both elsewhere, and a file with one in
+k and the other not is on neither side of fold k, so no held-out file shares a speaker or
+a noise recording with what its fold's models learnt from (as at deployment).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import os
 import re
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -114,13 +120,73 @@ def file_groups(
     return np.array(groups, dtype=object), how
 
 
-def make_folds(labels: Sequence[str], groups: Sequence[str], n_folds: int, seed: int) -> np.ndarray:
+def noise_groups(
+    files: Sequence[str], metadata_csv: str | os.PathLike[str] | None
+) -> np.ndarray | None:
+    """Each file's noise recording (the mixing metadata's noise_source), or None when the
+    metadata is not given or has no such column (folds are then grouped by speaker only)."""
+    if metadata_csv is None:
+        return None
+    path = Path(metadata_csv)
+    meta = pd.read_csv(path, dtype=str, keep_default_na=False)  # file_groups has read it already
+    if "noise_source" not in meta.columns:
+        return None
+    lookup = dict(zip(meta["file"], meta["noise_source"], strict=True))
+    missing = [f for f in files if not lookup.get(f, "").strip()]
+    if missing:
+        raise RecommenderError(f"{path}: {len(missing)} files have no noise_source, e.g. {missing[0]}")
+    return np.array([lookup[f] for f in files], dtype=object)
+
+
+@dataclass(frozen=True)
+class Folds:
+    """The fold assignment of a run's files (arrays aligned with the labels' rows).
+
+    `held_out[i]` is the fold whose held-out set file i is in (0: none, a crossed file);
+    `speaker[i]` and `noise[i]` are the folds of its speaker and noise recording (equal to
+    `held_out` when folds are grouped by speaker only).
+    """
+
+    held_out: np.ndarray
+    speaker: np.ndarray
+    noise: np.ndarray
+
+    def training_part(self, fold: int) -> np.ndarray:
+        """Files fold `fold`'s models may learn from: speaker and noise both outside it."""
+        return (self.speaker != fold) & (self.noise != fold)
+
+    def subset(self, keep: np.ndarray) -> Folds:
+        return Folds(self.held_out[keep], self.speaker[keep], self.noise[keep])
+
+
+def crossed_folds(
+    labels: Sequence[str], speakers: Sequence[str], noises: Sequence[str] | None, n_folds: int, seed: int
+) -> Folds:
+    """Speaker folds (make_folds), and with `noises` noise-recording folds made the same way;
+    a file is held out by fold k only when both are k. Every fold must hold some out."""
+    speaker = make_folds(labels, speakers, n_folds, seed)
+    if noises is None:
+        return Folds(speaker, speaker, speaker)
+    noise = make_folds(labels, noises, n_folds, seed + 1, what="noise recordings")
+    held_out = np.where(speaker == noise, speaker, 0)
+    empty = [k for k in range(1, n_folds + 1) if not (held_out == k).any()]
+    if empty:
+        raise RecommenderError(
+            f"fold(s) {empty} hold out no file: no file has both its speaker and its noise "
+            f"recording there ({len(labels)} files); lower --n_folds or mix more files"
+        )
+    return Folds(held_out, speaker, noise)
+
+
+def make_folds(
+    labels: Sequence[str], groups: Sequence[str], n_folds: int, seed: int, what: str = "speaker groups"
+) -> np.ndarray:
     """Fold number (1..n_folds) per file: stratified by label, no group on two folds."""
     labels, groups = np.asarray(labels), np.asarray(groups)
     n_groups = len(set(groups))
     if n_groups < n_folds:
         raise RecommenderError(
-            f"only {n_groups} speaker groups for {n_folds} folds; lower --n_folds"
+            f"only {n_groups} {what} for {n_folds} folds; lower --n_folds"
         )
     folds = np.zeros(len(labels), dtype=np.int64)
     parts = _grouped_parts(labels, groups, n_folds, seed, f"{n_folds} folds (lower --n_folds)")
@@ -166,11 +232,13 @@ def load_or_make_folds(
     group_by: str,
     n_folds: int,
     seed: int,
-) -> np.ndarray:
+    noises: np.ndarray | None = None,
+) -> Folds:
     """The run's fold assignment, aligned with `labels` rows.
 
-    Made once and written to OUTPUT_DIR/folds.csv (file, fold) with folds.json (how it was
-    made); later stages reuse it. An existing folds.csv made from other labels, fold
+    Made once and written to OUTPUT_DIR/folds.csv (file, fold, speaker_fold, noise_fold;
+    fold 0 = held out by no fold) with folds.json (how it was made); later stages reuse
+    it. An existing folds.csv made from other labels, fold
     count, seed or grouping is an error rather than silently replaced, because the
     checkpoints beside it were trained on it.
     """
@@ -191,17 +259,20 @@ def load_or_make_folds(
             if k in saved and saved[k] != recipe[k]
         ]
         saved_folds = read_folds(csv_path)
+        speaker_folds = {k[1] for k in saved_folds.values()}
         if set(saved_folds) != set(labels.file):
             changed.insert(0, "its files differ from the labels file's")
-        elif sorted(set(saved_folds.values())) != list(range(1, n_folds + 1)):
-            changed.insert(0, f"its folds are {sorted(set(saved_folds.values()))}")
+        elif sorted(speaker_folds) != list(range(1, n_folds + 1)):
+            changed.insert(0, f"its folds are {sorted(speaker_folds)}")
         if changed:
             raise RecommenderError(
                 f"{csv_path} was made for other data ({'; '.join(changed)}): {fix}"
             )
-        return np.array([saved_folds[f] for f in labels.file], dtype=np.int64)
-    folds = make_folds(labels.label.to_numpy(), groups, n_folds, seed)
-    write_folds(csv_path, dict(zip(labels.file, folds, strict=True)))
+        table = np.array([saved_folds[f] for f in labels.file], dtype=np.int64).reshape(-1, 3)
+        return Folds(table[:, 0], table[:, 1], table[:, 2])
+    folds = crossed_folds(labels.label.to_numpy(), groups, noises, n_folds, seed)
+    write_folds(csv_path, {f: (int(h), int(s), int(n)) for f, h, s, n in
+                           zip(labels.file, folds.held_out, folds.speaker, folds.noise, strict=True)})
     write_json_atomic(json_path, recipe)
     return folds
 
@@ -227,3 +298,15 @@ def inner_validation_mask(
     mask = np.zeros(len(labels), dtype=bool)
     mask[idx[val]] = True
     return mask
+
+
+def run_folds(
+    output_dir: Path, labels: pd.DataFrame, metadata_csv: str | os.PathLike[str] | None, n_folds: int, seed: int
+) -> tuple[np.ndarray, Folds]:
+    """The speaker groups and the folds of a recommender run (OUTPUT_DIR/folds.csv, made or
+    reused), shared by the thesis' stages and the quality selector."""
+    groups, group_by = file_groups(list(labels.file), metadata_csv)
+    noises = noise_groups(list(labels.file), metadata_csv)
+    if noises is not None:
+        group_by += ", crossed with its noise_source"
+    return groups, load_or_make_folds(output_dir, labels, groups, group_by, n_folds, seed, noises)

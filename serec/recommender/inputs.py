@@ -20,11 +20,11 @@ from serec.recommender.config import RecommenderConfig
 from serec.recommender.errors import RecommenderError
 from serec.recommender.fbank import FbankSpec, compute_fbank
 from serec.recommender.folds import (
+    Folds,
     file_digest,
-    file_groups,
     labels_digest,
-    load_or_make_folds,
     read_labels,
+    run_folds,
 )
 from serec.recommender.kinds import InputSpec, ModelInputs
 from serec.recommender.stages import most_frequent_label
@@ -117,7 +117,7 @@ class ExperimentData:
     files: np.ndarray
     labels: np.ndarray
     groups: np.ndarray
-    folds: np.ndarray
+    folds: Folds
     classes: list[str]
     gatekeeper_class: str
     folds_sha256: str
@@ -149,8 +149,7 @@ def prepare_experiment(
     """Read labels, make or reuse folds, and load every input the run's models need."""
     cfg.output_dir.mkdir(parents=True, exist_ok=True)
     labels = read_labels(cfg.labels_csv)
-    groups, group_by = file_groups(list(labels.file), cfg.metadata_csv)
-    folds = load_or_make_folds(cfg.output_dir, labels, groups, group_by, cfg.n_folds, cfg.seed)
+    groups, folds = run_folds(cfg.output_dir, labels, cfg.metadata_csv, cfg.n_folds, cfg.seed)
     classes = sorted(labels.label.unique())
     gatekeeper_class = cfg.gatekeeper_class or most_frequent_label(labels.label)
     if gatekeeper_class not in classes:
@@ -178,7 +177,7 @@ def prepare_experiment(
         files=np.asarray(files, dtype=object)[keep],
         labels=labels.label.to_numpy(dtype=object)[keep],
         groups=groups[keep],
-        folds=folds[keep],
+        folds=folds.subset(keep),
         classes=classes,
         gatekeeper_class=gatekeeper_class,
         folds_sha256=file_digest(cfg.output_dir / FOLDS_CSV),

@@ -18,7 +18,7 @@ from serec.recommender.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from serec.recommender.config import RecommenderConfig
+from serec.recommender.config import REFIT_FOLD, RecommenderConfig
 from serec.recommender.errors import CheckpointError, RecommenderError
 from serec.recommender.folds import inner_validation_mask
 from serec.recommender.inputs import ExperimentData, prepare_experiment
@@ -72,6 +72,7 @@ class StageResult:
     folds: list[FoldPredictions]
     skipped: dict[str, str]
     stage_dir: Path
+    refit: Path | None = None  # the checkpoint trained on every file (--refit)
 
 
 def training_flags(cfg: RecommenderConfig) -> dict[str, Any]:
@@ -122,12 +123,15 @@ class _Fold:
 
 
 def _split_fold(data: ExperimentData, targets: np.ndarray, fold: int, seed: int) -> _Fold:
-    held_out = data.folds == fold
-    inner_val = inner_validation_mask(data.labels, data.groups, ~held_out, seed)
+    if fold == REFIT_FOLD:  # every file trains (but the inner validation split); none is held out
+        held_out, training = np.zeros(len(data.files), bool), np.ones(len(data.files), bool)
+    else:
+        held_out, training = data.folds.held_out == fold, data.folds.training_part(fold)
+    inner_val = inner_validation_mask(data.labels, data.groups, training, seed)
     used = targets >= 0
     return _Fold(
         number=fold,
-        fit=np.flatnonzero(~held_out & ~inner_val & used),
+        fit=np.flatnonzero(training & ~inner_val & used),
         val=np.flatnonzero(inner_val & used),
         test=np.flatnonzero(held_out & used),
         inner_val_files=[str(f) for f in data.files[inner_val]],
@@ -183,12 +187,15 @@ def _train_fold(
 def train_stage(cfg: RecommenderConfig, stage: str) -> StageResult:
     """Train one stage's model on every requested fold; save a checkpoint per fold.
 
-    Per fold k: the training part is every other fold; its inner validation split picks
+    Per fold k: the training part is every file whose speaker and noise recording are
+    outside fold k (recommender.folds); its inner validation split picks
     the best epoch (neural kinds) and is recorded in the checkpoint for the gatekeeper
     threshold sweep; the feature scaler is fitted on the rest of the training part; the
     held-out fold k is only predicted, and those predictions are returned for the stage
     report. A fold whose checkpoint already exists with the same settings, folds and
     labels is reused, so an interrupted run resumes (delete a checkpoint to retrain it).
+    With cfg.refit, a last model is trained the same way on every file (fold "all"): the
+    one to deploy, since the fold models each saw only part of the data.
     """
     builder = kind_class(cfg.model_kind).builder(cfg)
     cfg.check_inputs(builder.fbank is not None, builder.uses_features)
@@ -199,15 +206,19 @@ def train_stage(cfg: RecommenderConfig, stage: str) -> StageResult:
     write_skipped(stage_dir, data.skipped)
     targets = task.targets(data.labels)
     results: list[FoldPredictions] = []
-    for fold in cfg.fold_numbers:
+    refit = None
+    for fold in cfg.training_folds:
         seed_everything(cfg.seed + fold)
         split = _split_fold(data, targets, fold, cfg.seed + fold)
         model, saved, path = _train_fold(cfg, data, builder, task, split, device)
+        if fold == REFIT_FOLD:
+            refit = path
+            continue
         proba = model.predict_proba(data.inputs(model.inputs, split.test), cfg.batch_size)
         results.append(FoldPredictions(
             fold, [str(f) for f in data.files[split.test]], targets[split.test], proba, path,
             saved.record.best_epoch,
         ))  # fmt: skip
     return StageResult(
-        stage, task.class_names, task.gatekeeper_class, results, data.skipped, stage_dir
+        stage, task.class_names, task.gatekeeper_class, results, data.skipped, stage_dir, refit
     )

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from serec.feature_files import load_feature_matrix, read_features_meta
-from serec.fileio import atomic_path, check_file_ids
+from serec.fileio import atomic_path
 from serec.labels import NOISY_SYSTEM
 from serec.policies import (
     choose_margin,
@@ -130,6 +130,35 @@ def scoring_level(labels_csv: str | os.PathLike[str]) -> float | None:
     return None if level is None else float(level)
 
 
+def _selector_folds(
+    labels_csv: str | os.PathLike[str],
+    metadata_csv: str | os.PathLike[str],
+    files: Sequence[str],
+    output_dir: Path,
+    n_folds: int,
+    seed: int,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, held-out) masks over `files`: the folds of the thesis' stages in the same
+    output folder (REC/folds.csv, made here if none), so both are validated on the same
+    folds, disjoint in speakers and noise recordings."""
+    # Imported here: the recommender package loads the AST's libraries, which routing never needs.
+    from serec.recommender.errors import RecommenderError
+    from serec.recommender.folds import read_labels, run_folds
+
+    header = pd.read_csv(metadata_csv, nrows=0).columns
+    missing_columns = {"file", "speaker", "noise_source"} - set(header)
+    if missing_columns:
+        raise SelectionError(f"{metadata_csv}: no column {', '.join(sorted(missing_columns))} (mixing's metadata.csv)")
+    try:
+        labels = read_labels(labels_csv)
+        _, run = run_folds(output_dir, labels, metadata_csv, n_folds, seed)
+    except RecommenderError as exc:
+        raise SelectionError(str(exc)) from exc
+    rows = dict(zip(labels.file, range(len(labels)), strict=True))
+    idx = np.array([rows[f] for f in files])
+    return [(run.training_part(k)[idx], run.held_out[idx] == k) for k in range(1, n_folds + 1)]
+
+
 def train_selector(
     labels_csv: str | os.PathLike[str],
     feat_dir: str | os.PathLike[str],
@@ -147,31 +176,9 @@ def train_selector(
     """
     import torch
 
-    # Imported here: the recommender package loads the AST's libraries, which routing never needs.
-    from serec.recommender.errors import RecommenderError
-    from serec.recommender.folds import read_labels, run_folds
-
     label_metric = label_metric or recorded_label_metric(labels_csv)
     data = load_gain_data(labels_csv, feat_dir, label_metric)
-    metadata = pd.read_csv(metadata_csv, dtype={"file": str, "speaker": str, "noise_source": str})
-    missing_columns = {"file", "speaker", "noise_source"} - set(metadata.columns)
-    if missing_columns:
-        raise SelectionError(f"{metadata_csv}: no column {', '.join(sorted(missing_columns))} (mixing's metadata.csv)")
-    check_file_ids(metadata.file, metadata_csv)
-    meta = metadata.set_index("file")
-    unknown = [f for f in data.files if f not in meta.index]
-    if unknown:
-        raise SelectionError(f"{metadata_csv}: {len(unknown)} files of {labels_csv} are not listed, e.g. {unknown[0]}")
-    # The folds of the thesis' stages in the same output folder (folds.csv), so both are
-    # validated on the same speaker- and noise-disjoint folds.
-    try:
-        labels = read_labels(labels_csv)
-        _, run = run_folds(Path(checkpoint_path).parent, labels, metadata_csv, n_folds, seed)
-    except RecommenderError as exc:
-        raise SelectionError(str(exc)) from exc
-    rows = dict(zip(labels.file, range(len(labels)), strict=True))
-    idx = np.array([rows[f] for f in data.files])
-    folds = [(run.training_part(k)[idx], run.held_out[idx] == k) for k in range(1, n_folds + 1)]
+    folds = _selector_folds(labels_csv, metadata_csv, data.files, Path(checkpoint_path).parent, n_folds, seed)
     fit_kwargs = {} if num_rounds is None else {"num_rounds": num_rounds}
     predictor, oof = QualityPredictor.fit(
         data.features, data.gains, folds, data.models, data.feature_names, seed=seed, **fit_kwargs

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.resources
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,6 +205,20 @@ def _subgraph(model: onnx.ModelProto, start: str, start_dims: list, end: str) ->
     return sub, nodes
 
 
+def with_outputs(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
+    """`model`, or a copy of it that also returns the named intermediate tensors."""
+    if not tensors:
+        return model
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    produced = {out for node in exposed.graph.node for out in node.output}
+    for name in tensors:
+        if name not in produced:
+            raise DnsmosModelError(f"DNSMOS model {model.graph.name} has no tensor {name!r}")
+        exposed.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    return exposed
+
+
 def _layer_signature(node: onnx.NodeProto) -> tuple:
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     return (
@@ -214,11 +229,12 @@ def _layer_signature(node: onnx.NodeProto) -> tuple:
     )
 
 
-def split_primary(model: onnx.ModelProto) -> tuple[bytes, bytes] | None:
+def split_primary(model: onnx.ModelProto, extra_outputs: Sequence[str] = ()) -> tuple[bytes, bytes] | None:
     """(trunk, tail) models of sig_bak_ovr.onnx, or None if its graph is not the known one.
 
     trunk: frames [N, T, 320] -> feature map [N, 32, T / 4, 40] (T a multiple of 4);
-    tail: one window's feature map [N, 32, 225, 40] -> raw [N, 3] (SIG, BAK, OVR).
+    tail: one window's feature map [N, 32, 225, 40] -> raw [N, 3] (SIG, BAK, OVR), then
+    the `extra_outputs` (tensors of the tail, e.g. its pooled and dense activations).
     """
     tensors = {out for node in model.graph.node for out in node.output}
     if TRUNK_INPUT not in tensors or TRUNK_OUTPUT not in tensors:
@@ -236,4 +252,4 @@ def split_primary(model: onnx.ModelProto) -> tuple[bytes, bytes] | None:
         return None
     output = model.graph.output[0].name
     tail, _ = _subgraph(model, TRUNK_OUTPUT, ["N", 32, "R", 40], output)
-    return trunk.SerializeToString(), tail.SerializeToString()
+    return trunk.SerializeToString(), with_outputs(tail, extra_outputs).SerializeToString()

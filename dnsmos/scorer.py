@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,7 @@ from dnsmos.models import (
     load_checked,
     make_session,
     split_primary,
+    with_outputs,
 )
 from dnsmos.windows import (
     HOP_SAMPLES,
@@ -85,6 +86,9 @@ class ClipScores:
     bak: float
     ovr: float
     p808: float
+    # The mean over windows of the primary model's requested inner activations (DNSMOS(
+    # embedding_outputs=...), flattened and concatenated in that order); None when none asked.
+    embedding: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def mos(self) -> dict[str, float]:
         return {"sig": self.sig, "bak": self.bak, "ovr": self.ovr, "p808": self.p808}
@@ -133,15 +137,16 @@ def prepare_audio(audio: np.ndarray, sr: int) -> np.ndarray:
 
 def _run_batches(
     session: ort.InferenceSession, queue: list[tuple[int, np.ndarray]], batch: int, final: bool
-) -> list[tuple[int, np.ndarray]]:
-    """Run full batches from the queue (and the remainder when final): (clip, output) pairs."""
+) -> list[tuple[int, list[np.ndarray]]]:
+    """Run full batches from the queue (and the remainder when final): (clip, [each output
+    of the model for that window]) pairs."""
     results = []
     input_name = session.get_inputs()[0].name
     while len(queue) >= batch or (final and queue):
         items = queue[:batch]
         del queue[:batch]
-        outputs = session.run(None, {input_name: np.stack([x for _, x in items])})[0]
-        results.extend((index, out) for (index, _), out in zip(items, outputs, strict=True))
+        outputs = session.run(None, {input_name: np.stack([x for _, x in items])})
+        results.extend((index, [out[i] for out in outputs]) for i, (index, _) in enumerate(items))
     return results
 
 
@@ -161,6 +166,7 @@ class _Clip:
         self.num_hops = num_hops
         self.raw: list[np.ndarray] = []
         self.p808: list[float] = []
+        self.embedding: list[np.ndarray] = []
 
 
 class DNSMOS:
@@ -176,6 +182,9 @@ class DNSMOS:
         max_run_windows: consecutive windows whose trunk runs in one call (bounds memory).
         share_windows: compute overlapping windows' shared trunk once (False: every window
             through the whole primary model, like the reference).
+        embedding_outputs: inner tensors of the primary model to return too, averaged over
+            the windows as ClipScores.embedding (dnsmos.embedding): scores and activations
+            from the same pass.
     """
 
     def __init__(
@@ -188,6 +197,7 @@ class DNSMOS:
         batch_windows: int = 8,
         max_run_windows: int = 10,
         share_windows: bool = True,
+        embedding_outputs: Sequence[str] = (),
     ) -> None:
         if batch_windows < 1 or max_run_windows < 1:
             raise ValueError("batch_windows and max_run_windows must be >= 1")
@@ -199,6 +209,7 @@ class DNSMOS:
         self.batch_windows = batch_windows
         self.max_run_windows = max_run_windows
         self.share_windows = share_windows
+        self.embedding_outputs = tuple(embedding_outputs)
         self._sessions: _Sessions | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -218,9 +229,10 @@ class DNSMOS:
     def _load(self) -> _Sessions:
         p808 = self._session(load_checked(self.files.p808, *P808_IO).SerializeToString())
         primary = load_checked(self.files.primary, *PRIMARY_IO)
-        parts = split_primary(primary) if self.share_windows else None
+        parts = split_primary(primary, self.embedding_outputs) if self.share_windows else None
         if parts is None:
-            return _Sessions(p808, self._session(primary.SerializeToString()), None, None)
+            whole = with_outputs(primary, self.embedding_outputs)
+            return _Sessions(p808, self._session(whole.SerializeToString()), None, None)
         trunk, tail = parts
         return _Sessions(p808, None, self._session(trunk), self._session(tail))
 
@@ -250,10 +262,12 @@ class DNSMOS:
         p808_queue: list[tuple[int, np.ndarray]] = []
 
         def drain(final: bool) -> None:
-            for index, out in _run_batches(primary_session, primary_queue, primary_batch, final):
-                clips[index].raw.append(out)
-            for index, out in _run_batches(sessions.p808, p808_queue, self.batch_windows, final):
-                clips[index].p808.append(float(out[0]))
+            for index, (raw, *inner) in _run_batches(primary_session, primary_queue, primary_batch, final):
+                clips[index].raw.append(raw)
+                if inner:
+                    clips[index].embedding.append(np.concatenate([x.reshape(-1) for x in inner]))
+            for index, (p808, *_) in _run_batches(sessions.p808, p808_queue, self.batch_windows, final):
+                clips[index].p808.append(float(p808[0]))
 
         for index, audio in enumerate(prepared):
             plan = plan_windows(audio.shape[0])
@@ -310,6 +324,7 @@ class DNSMOS:
             bak=float(np.polyval(v.bak_poly, raw[:, 1]).mean()),
             ovr=float(np.polyval(v.ovr_poly, raw[:, 2]).mean()),
             p808=float(np.mean(clip.p808)),
+            embedding=np.mean(clip.embedding, axis=0, dtype=np.float64).astype(np.float32) if clip.embedding else None,
         )
 
     def score_files(

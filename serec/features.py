@@ -256,8 +256,7 @@ def default_embedder() -> DnsmosEmbedder:
     return DnsmosEmbedder(num_threads=1)
 
 
-def _dnsmos_scores(audio: np.ndarray, scorer: DnsmosScorer) -> np.ndarray:
-    scores = scorer.score(audio, SAMPLE_RATE)
+def _dnsmos_values(scores: Mapping[str, float]) -> np.ndarray:
     return np.array([scores[k] for k in ("sig", "bak", "ovr", "p808")], dtype=np.float64)
 
 
@@ -340,20 +339,27 @@ def extract_features(
 ) -> np.ndarray:
     """One feature vector (float32, feature_names(feature_set) order) for mono audio.
 
-    `dnsmos` is the scorer cekl_plus uses (default: one `dnsmos.DNSMOS()` per process).
+    `dnsmos` is the scorer cekl_plus uses (default: one `dnsmos.DNSMOS()` per process);
+    dnsmos_embed takes its scores from the embedder's pass (default_embedder).
     `duration_s` is the file's duration when `audio` was cropped (default: len / sr).
     """
     spec = get_feature_set(feature_set)
     x = _as_16k(audio, sr)
     power = spectrogram_power(x)
     parts = [_cekl_from_power(power)]
+    embedding = None
+    if spec.needs_embedding:  # one DNSMOS pass gives the scores and the activations
+        clip = default_embedder().score_and_embed(x, SAMPLE_RATE)
+        scores, embedding = clip.mos(), clip.embedding
+    elif spec.needs_dnsmos:
+        scores = (dnsmos if dnsmos is not None else default_dnsmos()).score(x, SAMPLE_RATE)
     if spec.needs_dnsmos:
-        parts.append(_dnsmos_scores(x, dnsmos if dnsmos is not None else default_dnsmos()))
+        parts.append(_dnsmos_values(scores))
         parts.append(
             _descriptors(power, x.size / SAMPLE_RATE if duration_s is None else duration_s)
         )
-    if spec.needs_embedding:
-        parts.append(default_embedder().embed(x, SAMPLE_RATE))
+    if embedding is not None:
+        parts.append(embedding)
     vector = np.concatenate(parts).astype(np.float32)
     if not np.all(np.isfinite(vector)):
         bad = [n for n, v in zip(spec.names, vector, strict=True) if not np.isfinite(v)]

@@ -38,6 +38,19 @@ def test_dense_embedding_reproduces_the_raw_dnsmos_scores(embedder: DnsmosEmbedd
     )
 
 
+def test_shared_window_embedding_and_scores_match_whole_windows(embedder: DnsmosEmbedder) -> None:
+    # Shared-trunk windows (the fast path) against every window through the whole model, and
+    # the scores of the same pass against a plain DNSMOS scorer's.
+    clip = speech_like(np.random.default_rng(3), 12.5)  # three overlapping windows
+    fast = embedder.score_and_embed(clip)
+    whole = DnsmosEmbedder(num_threads=1, share_windows=False).score_and_embed(clip)
+    np.testing.assert_allclose(fast.embedding, whole.embedding, rtol=1e-4, atol=1e-4)
+    plain = DNSMOS(num_threads=1).score_clips([clip])[0]
+    assert fast.num_hops == plain.num_hops == 3
+    np.testing.assert_allclose([fast.sig, fast.bak, fast.ovr, fast.p808],
+                               [plain.sig, plain.bak, plain.ovr, plain.p808], atol=1e-5)
+
+
 def test_embedding_is_deterministic_defined_for_short_clips_and_tells_inputs_apart(
     embedder: DnsmosEmbedder,
 ) -> None:

@@ -50,7 +50,7 @@ def test_experiment_end_to_end_writes_every_table_and_resumes(tmp_path: Path) ->
                                        for k in ("pink", "brown", "babble", "hum", "impulsive", "modulated")))
     args = ["--name", "tiny", "--clean_dir", corpus / "clean", "--noise_dir", corpus / "noise",
             "--work_dir", tmp_path / "work", "--results_root", tmp_path / "results",
-            "--num_mixtures", 72, "--test_fraction", 0.25, "--models", "webrtc", "spectral_gating",
+            "--num_mixtures", 48, "--test_fraction", 0.25, "--models", "webrtc", "spectral_gating",
             "--n_folds", 2, "--num_epochs", 2, "--num_workers", 2]
     result = _experiment(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -62,10 +62,10 @@ def test_experiment_end_to_end_writes_every_table_and_resumes(tmp_path: Path) ->
                     "## Adaptive selection vs fixed models and the oracle", "## Time of each step"):
         assert heading in tables
     metadata = pd.read_csv(tmp_path / "work" / "mixtures" / "metadata.csv")
-    assert f"| **all** | 72 | {metadata.speaker.nunique()} |" in tables
+    assert f"| **all** | 48 | {metadata.speaker.nunique()} |" in tables
     assert "| tonal |" in tables and "| noise |" in tables
     for model in ("noisy", "webrtc", "spectral_gating"):
-        assert f"\n| {model} | 72 | 0 |" in tables
+        assert f"\n| {model} | 48 | 0 |" in tables
     for system in ("two-stage (gatekeeper + hybrid expert)", "single AST model", "majority class",
                    "random (class prior)", "tabular (logistic regression on CE/KL features)"):
         assert f"| {system} | " in tables

@@ -221,9 +221,13 @@ def f1_section(work_dir: Path) -> str:
             for system, entry in metrics["summary"].items()]
     return "\n\n".join([
         "## Recommender: macro F1",
-        f"Speaker-grouped cross-validation on the training split (`recommender/evaluate_pipeline/"
-        f"metrics.json`): mean ± std over folds {', '.join(map(str, metrics['folds_evaluated']))}; "
-        f"classes {', '.join(metrics['class_names'])}; gatekeeper class {metrics['gatekeeper_class']}.",
+        f"Cross-validation on the training split (`recommender/evaluate_pipeline/metrics.json`), on "
+        f"the folds the quality selector uses too (`recommender/folds.csv`; groups: "
+        f"{metrics.get('group_by', 'not recorded')}): a file whose speaker and noise recording fall in "
+        f"different folds is on neither side of that fold, so {metrics.get('held_out_files', '?')} of "
+        f"{metrics.get('files', '?')} files are held out once. Mean ± std over folds "
+        f"{', '.join(map(str, metrics['folds_evaluated']))}; classes {', '.join(metrics['class_names'])}; "
+        f"gatekeeper class {metrics['gatekeeper_class']}.",
         markdown_table(["recommender", "macro F1", "accuracy", "folds"], rows),
     ])
 

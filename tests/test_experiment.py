@@ -78,6 +78,7 @@ def test_experiment_end_to_end_writes_every_table_and_resumes(tmp_path: Path) ->
     assert tables.index("**Verdict: ") < tables.index("| strategy |")
     assert (tmp_path / "results" / "tiny" / "quality_vs_compute.png").stat().st_size > 1000
     assert "0 noise recordings in both splits" in tables
+    assert "crossed with its noise_source" in tables and "files are held out once" in tables
     assert f"The {n_test} test files" in tables
     timings = json.loads((tmp_path / "results" / "tiny" / "timings.json").read_text())
     assert list(timings) == STEPS and all(runs[0]["finished"] for runs in timings.values())

@@ -4,6 +4,7 @@ the baselines, each fold predicted by models trained without it."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from serec.recommender.crossval_report import (
     write_report,
 )
 from serec.recommender.errors import CheckpointError, RecommenderError
+from serec.recommender.folds import FOLDS_JSON
 from serec.recommender.inputs import ExperimentData, prepare_experiment
 from serec.recommender.kinds import RecommenderModel, resolve_device
 from serec.recommender.logistic import LogisticClassifier
@@ -329,12 +331,16 @@ def evaluate_pipeline(cfg: RecommenderConfig) -> PipelineReport:
     _write_pipeline_files(out_dir, ev, data.classes)
     summary = summarise(ev.per_fold)
     gk_class = data.gatekeeper_class
+    held_out = int(np.isin(data.folds.held_out, list(checkpoints)).sum())
     report = {
         "stage": "evaluate_pipeline",
         "class_names": data.classes,
         "gatekeeper_class": gk_class,
         "expert_classes": [c for c in data.classes if c != gk_class],
         "folds_evaluated": list(checkpoints),
+        "files": len(data.files),
+        "held_out_files": held_out,
+        "group_by": json.loads((cfg.output_dir / FOLDS_JSON).read_text())["group_by"],
         "skipped_files": len(data.skipped),
         "summary": summary,
         "bottleneck": ev.bottleneck,
@@ -351,7 +357,6 @@ def evaluate_pipeline(cfg: RecommenderConfig) -> PipelineReport:
         },
     }
     write_report(out_dir, report, ev.per_fold, data.classes)
-    held_out = int(np.isin(data.folds.held_out, list(checkpoints)).sum())
     table = format_table(
         summary,
         f"macro F1 over {len(checkpoints)} held-out folds (mean ± std), {held_out} of "

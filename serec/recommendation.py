@@ -102,10 +102,13 @@ class RecommendationResult:
 def _route_by_policy(config: RecommendationConfig, selector: SelectorRun, say: Say,
                      backend: Backend | None) -> int:
     """Route by the selector's policy, copy, enhance; returns the number of files recorded as errors."""
+    # The enhancers' device: auto is CUDA when there is one, as on the classifiers' path.
+    from serec.recommender.kinds import resolve_device
+
     assert config.noisy_speech_dir is not None
     model_configs = load_models_config(config.models_config) if config.models_config else {}
-    enhance, evaluate = enhance_and_evaluate(model_configs, config.device if config.device != "auto" else "cpu",
-                                             config.seed, config.num_workers, config.retry_errors, backend,
+    enhance, evaluate = enhance_and_evaluate(model_configs, str(resolve_device(config.device)), config.seed,
+                                             config.num_workers, config.retry_errors, backend,
                                              selector.settings.get("dnsmos_level_db"))
     routes, errors = route_by_policy(selector, config.noisy_speech_dir, config.enhanced_dir,
                                      features_dir=config.selector_features_dir, enhance=enhance, evaluate=evaluate)

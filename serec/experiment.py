@@ -20,16 +20,28 @@ import pandas as pd
 from serec.fileio import atomic_path, write_json_atomic, write_text_atomic
 from serec.labels import LabelRule
 from serec.lock import OutputLocked, output_lock
-from serec.pipeline import PipelineConfig, PipelineError, bound_steps, run_steps, shown
+from serec.pipeline import (
+    PipelineConfig,
+    PipelineError,
+    bound_steps,
+    learner_evaluation_dir,
+    run_steps,
+    shown,
+)
+from serec.predictor import DEFAULT_LEARNER, LEARNERS
 from serec.quality import METRIC_NAMES, METRICS
 from serec.ray_backend import RayUnavailable, add_backend_arguments, backend_from_args
 from serec.runinfo import RUN_JSON, write_run_json
+from serec.schema import STRATEGIES_CSV
+from serec.selection import DEFAULT_VERIFY_K, selector_record_dir
 
 # The source checkout, when serec runs from one (its git commit is recorded).
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TIMINGS_JSON = "timings.json"
 QUALITY_COMPUTE_PNG = "quality_vs_compute.png"
 TABLES_MD = "tables.md"
+# The policies the gain learners are compared on (learner_comparison_section).
+LEARNER_POLICIES = ("predict_best", "predict_best_safe", f"verify_top{DEFAULT_VERIFY_K}")
 SPLITS = ("train", "test")
 F1_TITLES = {
     "two_stage": "two-stage (gatekeeper + hybrid expert)",
@@ -213,6 +225,45 @@ def model_scores_section(work_dir: Path) -> str:
     ])
 
 
+def level_check_tables(summary: Mapping[str, Any]) -> str:
+    """serec.level_check's summary as two tables: per system (level, OVR and wins both ways), and
+    each setting's best single model, oracle and headroom."""
+    level = f"{summary['common_level_db']:g} dBFS"
+    systems = markdown_table(
+        ["system", "mean active level dBFS", "OVR as is", f"OVR at {level}", "labels as is", f"labels at {level}"],
+        [[row["system"], _fmt(row.get("active_level_db"), 1), _fmt(row.get("ovr_as_is")),
+          _fmt(row.get("ovr_at_level")), row.get("wins_as_is", ""), row.get("wins_at_level", "")]
+         for row in summary["systems"]])
+    settings = [(name, summary["settings"][key]) for name, key in (("as is", "as_is"), (f"at {level}", "at_level"))]
+    headroom = markdown_table(
+        ["scoring", "best single", "its OVR", "oracle OVR", "headroom"],
+        [[name, s["best_single"], _fmt(s["best_single_ovr"]), _fmt(s["oracle_ovr"]), f"{s['headroom']:+.3f}"]
+         for name, s in settings if s])
+    return f"{systems}\n\n{headroom}"
+
+
+def level_check_section(work_dir: Path) -> str:
+    """The scoring-level check of the training files (serec.level_check), when the run made one."""
+    from serec.level_check import read_summary, summary_sentence
+    from serec.pipeline import LEVEL_CHECK_DIR
+
+    summary = read_summary(work_dir / LEVEL_CHECK_DIR)
+    if summary is None:
+        return ""
+    run = "as is" if summary["run_level_db"] is None else f"at {summary['run_level_db']:g} dBFS"
+    return "\n\n".join([
+        f"### Scoring level: DNSMOS at {summary['common_level_db']:g} dBFS vs as is "
+        f"({summary['files']} training files)",
+        f"**{summary_sentence(summary)}** The enhancement run scored the training split {run}; the first "
+        f"{summary['files_checked']} training files (sorted; never test files) were re-scored "
+        f"{summary['rescored_as']} (`{LEVEL_CHECK_DIR}/rescored.csv`, {summary['rescored_errors']} errors) and "
+        f"the {summary['files']} files every system has both ways are compared. Level = mean active-speech "
+        f"level of the output as written; labels by {summary['labels_by']}; headroom = the oracle's mean "
+        "OVR (best model per file) minus the best single model's.",
+        level_check_tables(summary),
+    ])
+
+
 def f1_section(work_dir: Path) -> str:
     metrics = json.loads((work_dir / "recommender" / "evaluate_pipeline" / "metrics.json").read_text())
     rows = [[F1_TITLES.get(system, system),
@@ -232,12 +283,22 @@ def f1_section(work_dir: Path) -> str:
     ])
 
 
+def selector_training(work_dir: Path, learner: str) -> dict[str, Any] | None:
+    """The learner's training record (REC/predictor*/run.json's selector_training), None when absent."""
+    record = work_dir / "recommender" / selector_record_dir(learner) / RUN_JSON
+    return json.loads(record.read_text()).get("selector_training", {}) if record.is_file() else None
+
+
+def strategies_table(folder: Path) -> pd.DataFrame:
+    """FOLDER/strategies.csv (step 5's, or python -m serec.selection evaluate's)."""
+    return pd.read_csv(folder / STRATEGIES_CSV)
+
+
 def selector_section(work_dir: Path) -> str:
     """How the quality selector was trained (REC/predictor/run.json), when the run trained one."""
-    record = work_dir / "recommender" / "predictor" / "run.json"
-    if not record.is_file():
+    training = selector_training(work_dir, DEFAULT_LEARNER)
+    if training is None:
         return ""
-    training = json.loads(record.read_text()).get("selector_training", {})
     mae = ", ".join(f"{v:.3f}" for v in training.get("oof_mae", []))
     return "\n\n".join([
         "## Quality selector",
@@ -257,7 +318,7 @@ def routing_section(work_dir: Path, results_dir: Path) -> str:
     from serec.report import quality_compute_figure
     from serec.strategies import verdict
 
-    strategies = pd.read_csv(work_dir / "recommendation" / "strategies.csv")
+    strategies = strategies_table(work_dir / "recommendation")
     records = strategies.to_dict("records")
     files = int(strategies.files.iloc[0])
     label = str(strategies.label_metric.iloc[0])
@@ -298,6 +359,49 @@ def routing_section(work_dir: Path, results_dir: Path) -> str:
     ]))
 
 
+def learner_row(learner: str, training: Mapping[str, Any], strategies: pd.DataFrame | None) -> list[str]:
+    """One learner's row: training seconds, mean out-of-fold MAE, recommender seconds per file,
+    and each compared policy's gain over the best single model and captured share of the oracle's."""
+    mae = [float(v) for v in training.get("oof_mae", [])]
+    rows = {} if strategies is None else {r["strategy"]: r for r in strategies.to_dict("records")}
+    best = rows.get("predict_best")
+    cells = [learner, _fmt(training.get("seconds"), 1), _fmt(sum(mae) / len(mae) if mae else None),
+             _fmt(best["recommender_seconds"] / best["files"], 4) if best else ""]
+    for policy in LEARNER_POLICIES:
+        row = rows.get(policy)
+        captured = None if row is None else row["oracle_gain_captured"]
+        cells += [_fmt(None if row is None else row["gain_over_best_single"]),
+                  "" if captured is None or pd.isna(captured) else f"{100 * captured:.0f}%"]
+    return cells
+
+
+def learner_comparison_section(work_dir: Path) -> str:
+    """The gain learners side by side (the default's step-5 policies and every other learner's
+    `serec.selection evaluate`), when the run trained another learner."""
+    others = [name for name in LEARNERS if name != DEFAULT_LEARNER and selector_training(work_dir, name) is not None]
+    if not others or selector_training(work_dir, DEFAULT_LEARNER) is None:
+        return ""
+    rows = []
+    for name in (DEFAULT_LEARNER, *others):
+        folder = work_dir / "recommendation" if name == DEFAULT_LEARNER else learner_evaluation_dir(work_dir, name)
+        strategies = strategies_table(folder) if (folder / STRATEGIES_CSV).is_file() else None
+        rows.append(learner_row(name, selector_training(work_dir, name) or {}, strategies))
+    policy_columns = [f"{p} {c}" for p in LEARNER_POLICIES for c in ("gain", "captured")]
+    return "\n\n".join([
+        "### Gain learners on the same folds, targets and policies",
+        "Each learner predicts every model's gain on the same training files, folds (`recommender/folds.csv`) "
+        "and `dnsmos_embed` features (`ast` also reads the noisy audio); its policies are scored on the same "
+        "test files (`recommendation/strategies.csv`, `recommendation/selector_<learner>/strategies.csv`). "
+        "Training s = fitting every fold (`recommender/predictor*/run.json`); OOF MAE = out-of-fold mean "
+        "absolute error on the training folds, averaged over models; recommender s/file = features + "
+        "prediction per test file on one thread; gain = mean gain over the best single model; captured = "
+        "share of the oracle's gain.",
+        markdown_table(["learner", "training s", "OOF MAE", "recommender s/file", *policy_columns], rows),
+        f"The learner used by the routing policies above is {DEFAULT_LEARNER} (the default, chosen before "
+        "seeing test results); these rows are reported, not used to choose anything.",
+    ])
+
+
 def write_tables(work_dir: Path, results_dir: Path, classes: Mapping[str, str]) -> Path:
     """results_dir/tables.md, with copies of run.json and timings.json, from the files the steps wrote."""
     run = json.loads((work_dir / "run.json").read_text())
@@ -319,7 +423,9 @@ def write_tables(work_dir: Path, results_dir: Path, classes: Mapping[str, str]) 
         + ", ".join(f"{k} {v}" for k, v in run.get("versions", {}).items() if v),
     ])
     sections = [header, dataset_section(work_dir, settings, classes), model_scores_section(work_dir),
+                level_check_section(work_dir),
                 f1_section(work_dir), selector_section(work_dir), routing_section(work_dir, results_dir),
+                learner_comparison_section(work_dir),
                 "## Time of each step\n\nWall time on this machine (`timings.json`).\n\n" + timings_table(timings)]
     path = results_dir / TABLES_MD
     write_text_atomic(path, "\n\n".join(filter(None, sections)) + "\n")
@@ -365,11 +471,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_backend_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="mixing, enhancement and routing seed")
     p.add_argument("--recommender_seed", type=int, default=42, help="folds and training seed")
+    p.add_argument("--level_check_files", type=int, default=96,
+                   help="re-score the DNSMOS of the first N training files as is (the run scores at "
+                   "-26 dBFS) and report how labels and headroom change in tables.md; 0: leave it out")
+    p.add_argument("--compare_learners", nargs="*", default=["ast"], metavar="NAME",
+                   choices=[name for name in LEARNERS if name != DEFAULT_LEARNER],
+                   help=f"gain learners trained beside {DEFAULT_LEARNER} on the same folds, features and "
+                   "targets, evaluated on the test split and reported in tables.md (never used to route); "
+                   "the flag alone: none")
     p.add_argument("--no_quality_selector", action="store_true",
                    help="leave out the quality selector (its features, training and policies' rows)")
     p.add_argument("--tables_only", action="store_true",
                    help="only rebuild tables.md from the work folder of a finished run")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.level_check_files < 0:
+        p.error("--level_check_files must be 0 (leave the check out) or more")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -384,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         num_epochs=args.num_epochs, num_workers=args.num_workers, seed=args.seed,
         backend=args.backend, ray_address=args.ray_address,
         recommender_seed=args.recommender_seed, quality_selector=not args.no_quality_selector,
+        level_check_files=args.level_check_files, compare_learners=tuple(args.compare_learners),
     )
     command = shlex.join(["python", "-m", "serec.experiment", *(argv if argv is not None else sys.argv[1:])])
     try:

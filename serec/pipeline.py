@@ -3,6 +3,7 @@ the steps shared by `make demo` and the experiment."""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import os
@@ -19,8 +20,9 @@ import pandas as pd
 from serec.exitcodes import ExitStatus
 from serec.fileio import UnsafeFileId, atomic_path, check_file_ids
 from serec.quality import METRICS
+from serec.runinfo import RUN_JSON
 from serec.schema import HEADLINE_METRICS
-from serec.selection import SELECTOR_CHECKPOINT
+from serec.selection import selector_checkpoint, selector_record_dir
 
 
 class PipelineError(RuntimeError):
@@ -56,6 +58,13 @@ class PipelineConfig:
     # The quality selector beside the thesis's classifiers: DNSMOS-embedding features of both
     # splits (step 3), its predictor stage (step 4) and every routing policy's row (step 5).
     quality_selector: bool = True
+    # Other gain learners (serec.predictor.LEARNERS, e.g. "ast") trained beside the default one
+    # on the same folds, features and targets (step 4) and evaluated on the test split (step 5):
+    # reported in the experiment's tables, never used to route.
+    compare_learners: tuple[str, ...] = ()
+    # The scoring-level check: the first N training files' DNSMOS re-scored the other way (as is
+    # when the run scores at dnsmos_level_db), labels and headroom compared; 0 leaves it out.
+    level_check_files: int = 0
     seed: int = 0  # mixing, enhancement and recommendation
     recommender_seed: int = 42  # folds, initialisation and sampling of model_recommender_w_scaler.py
 
@@ -90,15 +99,20 @@ COMMANDS = {
                            "skipped_files.csv"),
     "recommendation": Command("recommendation_driver.py", "serec.cli.recommendation_driver",
                               "errors.csv, routing.csv, evaluation.csv"),
+    "selection": Command("-m serec.selection", "serec.selection", "strategies.csv"),
 }  # fmt: skip
+
+
+def _argv(args: Sequence[str | Path | int | float]) -> list[str]:
+    return [shown(a) if isinstance(a, Path) else str(a) for a in args]
 
 
 def run_command(step: str, args: Sequence[str | Path | int | float]) -> ExitStatus:
     """Print the step's command line, run its `main` in this process, raise PipelineError on a
     hard failure (KeyboardInterrupt on Ctrl-C); a PARTIAL run is a note and the steps go on."""
     command = COMMANDS[step]
-    argv = [shown(a) if isinstance(a, Path) else str(a) for a in args]
-    print(f"$ {shlex.join(['python', command.script, *argv])}", flush=True)
+    argv = _argv(args)
+    print(f"$ {shlex.join(['python', *command.script.split(), *argv])}", flush=True)
     main = importlib.import_module(command.module).main
     saved_argv = sys.argv
     # run.json records sys.argv: the step's own command line, not the pipeline's.
@@ -116,6 +130,25 @@ def run_command(step: str, args: Sequence[str | Path | int | float]) -> ExitStat
         raise PipelineError(f"{command.script} failed (exit status {int(status)}); its messages "
                             "are above")
     return status
+
+
+def run_unless_done(step: str, args: Sequence[str | Path | int | float], record_dir: Path, finished: str,
+                    newer_than: Path | None = None) -> None:
+    """run_command, unless RECORD_DIR/run.json says this very command line finished (it holds
+    `finished`, which the command writes last) after `newer_than` changed: for commands that
+    redo everything when run again, so a resumed run skips them as the other steps skip
+    their finished work."""
+    argv, record = _argv(args), record_dir / RUN_JSON
+    try:
+        saved = json.loads(record.read_text(encoding="utf-8"))
+        fresh = newer_than is None or record.stat().st_mtime >= newer_than.stat().st_mtime
+    except (OSError, ValueError):
+        saved, fresh = {}, False
+    if fresh and isinstance(saved, dict) and finished in saved and saved.get("command", [])[1:] == argv:
+        print(f"$ {shlex.join(['python', *COMMANDS[step].script.split(), *argv])}\n  done before "
+              f"({shown(record)} records this command finished; delete it to run it again)", flush=True)
+        return
+    run_command(step, args)
 
 
 def _link(target: Path, link: Path) -> None:
@@ -209,6 +242,37 @@ def enhancement_step(config: PipelineConfig) -> None:
         ])
 
 
+LEVEL_CHECK_DIR = "level_check_train"
+
+
+def level_check_step(config: PipelineConfig) -> None:
+    """Scoring level: the first training files' DNSMOS re-scored the other way, labels and headroom compared."""
+    # Imported here: the demo, which leaves the check out, never needs it.
+    from serec.level_check import (
+        DEFAULT_LEVEL_DB,
+        LevelCheckError,
+        run_level_check,
+        summary_sentence,
+    )
+    from serec.lock import OutputLocked
+    from serec.ray_backend import backend_from_args
+    from serec.schema import SchemaError
+
+    backend = backend_from_args(argparse.Namespace(backend=config.backend, ray_address=config.ray_address),
+                                config.num_workers, isolate=True)
+    out_dir = config.path(LEVEL_CHECK_DIR)
+    print(f"re-scoring the DNSMOS OVR of the first {config.level_check_files} training files into "
+          f"{shown(out_dir)} (training split only: the protocol never tunes on test)", flush=True)
+    try:
+        summary = run_level_check(
+            config.path("enhancement_train"), config.path("train") / "noisy", out_dir,
+            max_files=config.level_check_files, backend=backend,
+            level_db=DEFAULT_LEVEL_DB if config.dnsmos_level_db is None else config.dnsmos_level_db)
+    except (LevelCheckError, SchemaError, UnsafeFileId, OutputLocked) as exc:
+        raise PipelineError(f"level check: {exc}") from exc
+    print(summary_sentence(summary), flush=True)
+
+
 SELECTOR_FEATURE_SET = "dnsmos_embed"
 
 
@@ -232,6 +296,17 @@ def features_step(config: PipelineConfig) -> None:
             ])
 
 
+def _ast_flags(config: PipelineConfig) -> list[str | int]:
+    """The AST's size and training flags, the same for the thesis's stages and the ast gain learner."""
+    return ["--pretrained_models", "none", "--ast_size", "tiny", "--learning_rate", "5e-4",
+            "--num_epochs", config.num_epochs, "--patience", max(2, config.num_epochs // 3)]
+
+
+def compared_learners(config: PipelineConfig) -> tuple[str, ...]:
+    """The gain learners trained and evaluated beside the default one (none without the selector)."""
+    return config.compare_learners if config.quality_selector else ()
+
+
 def recommender_step(config: PipelineConfig) -> None:
     """Workflow step 4: gatekeeper, expert and single model, the F1 table, and the quality selector,
     all on the same folds (REC/folds.csv), disjoint in speakers and noise recordings."""
@@ -240,22 +315,25 @@ def recommender_step(config: PipelineConfig) -> None:
         "--audio_dir", config.path("train") / "noisy",
         "--metadata_csv", config.path("train") / "metadata.csv",
         "--cekl_features_base_dir", config.path("features_train"),
-        "--output_dir", config.path("recommender"),
-        "--pretrained_models", "none", "--ast_size", "tiny", "--use_hybrid_features",
-        "--use_weighted_sampler", "--learning_rate", "5e-4", "--n_folds", config.n_folds,
-        "--num_epochs", config.num_epochs, "--patience", max(2, config.num_epochs // 3),
-        "--seed", config.recommender_seed, "--refit",
+        "--output_dir", config.path("recommender"), *_ast_flags(config), "--use_hybrid_features",
+        "--use_weighted_sampler", "--n_folds", config.n_folds, "--seed", config.recommender_seed, "--refit",
     ]
     for stage in ("gatekeeper", "expert", "single", "evaluate_pipeline"):
         run_command("recommender", ["--training_stage", stage, *common])
-    if config.quality_selector:
-        run_command("recommender", [
-            "--training_stage", "predictor", "--labels_csv", config.path("enhancement_train") / "labels.csv",
-            "--metadata_csv", config.path("train") / "metadata.csv",
-            "--cekl_features_base_dir", selector_features(config, "train"),
-            "--output_dir", config.path("recommender"), "--n_folds", config.n_folds,
-            "--seed", config.recommender_seed,
-        ])
+    if not config.quality_selector:
+        return
+    predictor = [
+        "--training_stage", "predictor", "--labels_csv", config.path("enhancement_train") / "labels.csv",
+        "--metadata_csv", config.path("train") / "metadata.csv",
+        "--cekl_features_base_dir", selector_features(config, "train"),
+        "--output_dir", config.path("recommender"), "--n_folds", config.n_folds,
+        "--seed", config.recommender_seed,
+    ]
+    run_command("recommender", predictor)
+    for learner in compared_learners(config):  # the same folds, features and targets
+        run_unless_done("recommender", [*predictor, "--predictor_learner", learner,
+                                        "--audio_dir", config.path("train") / "noisy", *_ast_flags(config)],
+                        config.path("recommender") / selector_record_dir(learner), "selector_training")
 
 
 def recommendation_step(config: PipelineConfig) -> None:
@@ -272,11 +350,24 @@ def recommendation_step(config: PipelineConfig) -> None:
         "--clean_speech_dir", config.path("test") / "clean",
         "--labels_csv", config.path("enhancement_test") / "labels.csv",
         *(["--models_config", config.models_config] if config.models_config else []),
-        *(["--selector", recommender / SELECTOR_CHECKPOINT, "--selector_features_dir", selector_features(config, "test")]
-          if config.quality_selector else []),
+        *(["--selector", recommender / selector_checkpoint(), "--selector_features_dir",
+           selector_features(config, "test")] if config.quality_selector else []),
         "--num_workers", config.num_workers, "--seed", config.seed,
         *_backend_args(config),
     ])
+    for learner in compared_learners(config):  # every policy of the other learners, scored from scores.csv
+        selector = recommender / selector_checkpoint(learner)
+        out_dir = learner_evaluation_dir(config.output_dir, learner)
+        run_unless_done("selection", [
+            "evaluate", "--selector", selector, "--labels_csv", config.path("enhancement_test") / "labels.csv",
+            "--features_dir", selector_features(config, "test"), "--noisy_dir", config.path("test") / "noisy",
+            "--output_dir", out_dir, "--seed", config.seed,
+        ], out_dir, "timing", newer_than=selector)
+
+
+def learner_evaluation_dir(output_dir: Path, learner: str) -> Path:
+    """Where step 5 evaluates another learner's selector: OUTPUT/recommendation/selector_<learner>/."""
+    return output_dir / "recommendation" / Path(selector_checkpoint(learner)).stem
 
 
 Step = Callable[[PipelineConfig], None]
@@ -284,6 +375,7 @@ WORKFLOW_STEPS: list[tuple[str, Step]] = [
     ("mixing", mixing_step),
     ("split", split_step),
     ("enhancement", enhancement_step),
+    ("level_check", level_check_step),  # only with level_check_files > 0 (the experiment)
     ("features", features_step),
     ("recommender", recommender_step),
     ("recommendation", recommendation_step),
@@ -321,8 +413,9 @@ def bind(step: Callable[[Any], None], config: Any) -> Callable[[], None]:
 
 
 def bound_steps(config: PipelineConfig) -> list[tuple[str, Callable[[], None]]]:
-    """WORKFLOW_STEPS with the config bound."""
-    return [(name, bind(step, config)) for name, step in WORKFLOW_STEPS]
+    """WORKFLOW_STEPS with the config bound (the level check only with level_check_files > 0)."""
+    return [(name, bind(step, config)) for name, step in WORKFLOW_STEPS
+            if name != "level_check" or config.level_check_files > 0]
 
 
 # ---------------------------------------------------------------------------------------

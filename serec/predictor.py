@@ -9,23 +9,35 @@ mean is the prediction and whose spread across folds is its uncertainty.
 
 Boosters are kept as LightGBM's own text format, so a checkpoint is plain strings and
 numbers (`torch.load(weights_only=True)` reads it; no pickled objects).
+
+Gain learners. The selector's learner is chosen by name from `LEARNERS` (`learner_class`):
+`lightgbm` (QualityPredictor, here) and `ast` (serec.recommender.ast_gain.ASTGainEnsemble,
+the thesis' AST / hybrid with a regression head, imported only when asked for). Each has the
+same small interface (`GainLearner`): `fit_gains(inputs, gains, folds, models, feature_names,
+settings) -> (learner, out-of-fold predictions)`, `predict(inputs) -> (mean, spread)` over the
+fold models, `to_metadata()` / `from_metadata()` (plain data and tensors only), and
+`reads_audio` (whether its inputs need the noisy files as well as the feature vectors).
 """
 
 from __future__ import annotations
 
+import importlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
 PREDICTOR_KIND = "quality_predictor"
 TARGET = "gain_over_noisy"
+# Huber's transition for every gain learner: gains beyond +-0.3 MOS count linearly, not squared.
+HUBER_DELTA = 0.3
 # Small, regularised trees: a few hundred training files per fold, a few hundred features.
 DEFAULT_BOOSTER_PARAMS: dict[str, Any] = {
     "objective": "huber",
-    "alpha": 0.3,  # Huber's transition: gains beyond +-0.3 MOS count linearly, not squared
+    "alpha": HUBER_DELTA,
     "learning_rate": 0.05,
     "num_leaves": 15,
     "min_data_in_leaf": 20,
@@ -47,6 +59,66 @@ class PredictorError(ValueError):
     """Training or checkpoint data the predictor cannot use (message says which and why)."""
 
 
+@dataclass
+class GainInputs:
+    """A gain learner's inputs, one row per file of `files`: the feature vectors and, for
+    learners that read the audio, the folder the noisy files (ids relative to it) lie in;
+    `cache_dir` (training) keeps what is computed from the audio for the next run."""
+
+    features: np.ndarray
+    files: Sequence[str] = ()
+    audio_dir: Path | None = None
+    cache_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class LearnerSettings:
+    """Settings every gain learner gets; each uses those that apply to it."""
+
+    seed: int = 0
+    num_rounds: int = DEFAULT_NUM_ROUNDS  # lightgbm: boosting rounds
+    # ast: a fold's training mask -> the part of it that picks the epoch (the stages' rule)
+    inner_validation: Callable[[np.ndarray, int], np.ndarray] | None = None
+    config: Any = None  # ast: the run's RecommenderConfig (backbone and fit settings)
+
+
+class GainLearner(Protocol):
+    """What the selector needs of a learner (see the module docstring)."""
+
+    learner: ClassVar[str]
+    reads_audio: ClassVar[bool]
+    models: list[str]
+    feature_names: list[str]
+
+    @classmethod
+    def fit_gains(cls, inputs: GainInputs, gains: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]],
+                  models: Sequence[str], feature_names: Sequence[str], settings: LearnerSettings
+                  ) -> tuple[GainLearner, np.ndarray]: ...
+
+    def predict(self, inputs: GainInputs) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def to_metadata(self) -> dict[str, Any]: ...
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, Any]) -> GainLearner: ...
+
+
+# Learner name -> (module, class); modules are imported on demand (the AST's are heavy).
+LEARNERS: dict[str, tuple[str, str]] = {
+    "lightgbm": ("serec.predictor", "QualityPredictor"),
+    "ast": ("serec.recommender.ast_gain", "ASTGainEnsemble"),
+}
+DEFAULT_LEARNER = "lightgbm"
+
+
+def learner_class(name: str) -> type[GainLearner]:
+    """The gain learner registered as `name`; PredictorError naming the known ones."""
+    if name not in LEARNERS:
+        raise PredictorError(f"unknown learner {name!r}; choose from {', '.join(LEARNERS)}")
+    module, attribute = LEARNERS[name]
+    return getattr(importlib.import_module(module), attribute)
+
+
 def _lightgbm():
     try:
         import lightgbm
@@ -57,7 +129,11 @@ def _lightgbm():
 
 @dataclass
 class QualityPredictor:
-    """Fold ensemble of per-model boosters predicting each model's gain over the noisy input."""
+    """Fold ensemble of per-model boosters predicting each model's gain over the noisy input
+    (the `lightgbm` learner)."""
+
+    learner: ClassVar[str] = "lightgbm"
+    reads_audio: ClassVar[bool] = False
 
     models: list[str]
     feature_names: list[str]
@@ -127,9 +203,19 @@ class QualityPredictor:
         predictor = cls(list(models), list(feature_names), boosters, merged, num_rounds, seed)
         return predictor, oof
 
-    def predict(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    @classmethod
+    def fit_gains(cls, inputs: GainInputs, gains: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]],
+                  models: Sequence[str], feature_names: Sequence[str], settings: LearnerSettings
+                  ) -> tuple[QualityPredictor, np.ndarray]:
+        """fit() on the feature vectors (GainLearner's interface)."""
+        return cls.fit(inputs.features, gains, folds, models, feature_names, seed=settings.seed,
+                       num_rounds=settings.num_rounds)
+
+    def predict(self, features: np.ndarray | GainInputs) -> tuple[np.ndarray, np.ndarray]:
         """(mean, spread): predicted gain per (file, model) and its std across the fold models."""
         lgb = _lightgbm()
+        if isinstance(features, GainInputs):
+            features = features.features
         features = np.asarray(features, dtype=np.float64)
         if features.ndim != 2 or features.shape[1] != len(self.feature_names):
             raise PredictorError(

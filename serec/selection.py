@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,14 @@ from serec.policies import (
     top_k,
     verify,
 )
-from serec.predictor import QualityPredictor
+from serec.predictor import (
+    DEFAULT_LEARNER,
+    LEARNERS,
+    GainInputs,
+    GainLearner,
+    LearnerSettings,
+    learner_class,
+)
 from serec.quality import METRICS
 from serec.strategies import (
     VERIFY_METRIC,
@@ -55,7 +62,8 @@ from serec.strategies import (
 )
 
 SELECTOR_FORMAT = 1
-SELECTOR_CHECKPOINT = "selector.pth"  # where --training_stage predictor writes it
+SELECTOR_CHECKPOINT = "selector.pth"  # where --training_stage predictor writes it (the default learner's)
+SELECTOR_RECORD_DIR = "predictor"  # and its run.json (REC/predictor/run.json)
 DEFAULT_FOLDS = 5
 DEFAULT_COST_LAMBDA = 0.1
 DEFAULT_VERIFY_K = 2
@@ -66,6 +74,25 @@ COST_LAMBDA_SWEEP: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0
 
 class SelectionError(ValueError):
     """Inputs the quality-predictor routing cannot use; the message names the file and reason."""
+
+
+def _learner_suffix(learner: str) -> str:
+    """'' for the default learner (its files keep their names), else '_<learner>'."""
+    if learner not in LEARNERS:
+        raise SelectionError(f"unknown learner {learner!r}; choose from {', '.join(LEARNERS)}")
+    return "" if learner == DEFAULT_LEARNER else f"_{learner}"
+
+
+def selector_checkpoint(learner: str = DEFAULT_LEARNER) -> str:
+    """The file name --training_stage predictor writes in REC for this learner: selector.pth for
+    the default, selector_<learner>.pth for another, so every learner shares REC/folds.csv."""
+    return f"{Path(SELECTOR_CHECKPOINT).stem}{_learner_suffix(learner)}{Path(SELECTOR_CHECKPOINT).suffix}"
+
+
+def selector_record_dir(learner: str = DEFAULT_LEARNER) -> str:
+    """The folder of REC the learner's training record (run.json) goes to: predictor for the
+    default, predictor_<learner> for another."""
+    return f"{SELECTOR_RECORD_DIR}{_learner_suffix(learner)}"
 
 
 @dataclass
@@ -137,13 +164,15 @@ def _selector_folds(
     output_dir: Path,
     n_folds: int,
     seed: int,
-) -> list[tuple[np.ndarray, np.ndarray]]:
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], Callable[[np.ndarray, int], np.ndarray]]:
     """(train, held-out) masks over `files`: the folds of the thesis' stages in the same
     output folder (REC/folds.csv, made here if none), so both are validated on the same
-    folds, disjoint in speakers and noise recordings."""
+    folds, disjoint in speakers and noise recordings; and the stages' inner validation rule
+    (a fold's training mask and number -> the files that pick its epoch) for learners with
+    epochs."""
     # Imported here: the recommender package loads the AST's libraries, which routing never needs.
     from serec.recommender.errors import RecommenderError
-    from serec.recommender.folds import read_labels, run_folds
+    from serec.recommender.folds import inner_validation_mask, read_labels, run_folds
 
     header = pd.read_csv(metadata_csv, nrows=0).columns
     missing_columns = {"file", "speaker", "noise_source"} - set(header)
@@ -151,12 +180,21 @@ def _selector_folds(
         raise SelectionError(f"{metadata_csv}: no column {', '.join(sorted(missing_columns))} (mixing's metadata.csv)")
     try:
         labels = read_labels(labels_csv)
-        _, run = run_folds(output_dir, labels, metadata_csv, n_folds, seed)
+        groups, run = run_folds(output_dir, labels, metadata_csv, n_folds, seed)
     except RecommenderError as exc:
         raise SelectionError(str(exc)) from exc
     rows = dict(zip(labels.file, range(len(labels)), strict=True))
     idx = np.array([rows[f] for f in files])
-    return [(run.training_part(k)[idx], run.held_out[idx] == k) for k in range(1, n_folds + 1)]
+    strata, file_groups = labels.label.to_numpy(dtype=object)[idx], groups[idx]
+
+    def inner_validation(train: np.ndarray, fold: int) -> np.ndarray:
+        try:
+            return inner_validation_mask(strata, file_groups, train, seed + fold)
+        except RecommenderError as exc:
+            raise SelectionError(f"fold {fold}: {exc}") from exc
+
+    folds = [(run.training_part(k)[idx], run.held_out[idx] == k) for k in range(1, n_folds + 1)]
+    return folds, inner_validation
 
 
 def train_selector(
@@ -169,20 +207,34 @@ def train_selector(
     n_folds: int = DEFAULT_FOLDS,
     seed: int = 0,
     num_rounds: int | None = None,
+    learner: str = DEFAULT_LEARNER,
+    audio_dir: str | os.PathLike[str] | None = None,
+    config: Any = None,
 ) -> dict[str, Any]:
     """Fit the predictor and the policies' settings on a training run; write the checkpoint.
 
     The label metric defaults to the one the training run's labels were made with.
+    `learner` names the gain learner (serec.predictor.LEARNERS); `ast` reads the noisy files
+    in `audio_dir` too (their fbank is cached in the checkpoint's folder, cache/) and is sized
+    and trained by `config` (a RecommenderConfig); `num_rounds` is LightGBM's.
     """
+    import time
+
     import torch
 
     label_metric = label_metric or recorded_label_metric(labels_csv)
+    learner_cls = learner_class(learner)
     data = load_gain_data(labels_csv, feat_dir, label_metric)
-    folds = _selector_folds(labels_csv, metadata_csv, data.files, Path(checkpoint_path).parent, n_folds, seed)
-    fit_kwargs = {} if num_rounds is None else {"num_rounds": num_rounds}
-    predictor, oof = QualityPredictor.fit(
-        data.features, data.gains, folds, data.models, data.feature_names, seed=seed, **fit_kwargs
-    )
+    checkpoint_path = Path(checkpoint_path)
+    folds, inner_validation = _selector_folds(labels_csv, metadata_csv, data.files, checkpoint_path.parent,
+                                              n_folds, seed)
+    inputs = GainInputs(data.features, data.files, None if audio_dir is None else Path(audio_dir),
+                        checkpoint_path.parent / "cache")
+    settings = LearnerSettings(seed=seed, inner_validation=inner_validation, config=config,
+                               **({} if num_rounds is None else {"num_rounds": num_rounds}))
+    started = time.perf_counter()
+    predictor, oof = learner_cls.fit_gains(inputs, data.gains, folds, data.models, data.feature_names, settings)
+    training_seconds = time.perf_counter() - started
     ranking = rank_single_models(data.gains)
     best_single = int(ranking[0])
     validated = np.all(np.isfinite(oof), axis=1)
@@ -197,6 +249,7 @@ def train_selector(
         # The level the labels' DNSMOS was scored at: run-time verification scores at it too.
         "dnsmos_level_db": scoring_level(labels_csv),
         "feature_set": str(read_features_meta(feat_dir)["feature_set"]),
+        "learner": learner,
         "predictor": predictor.to_metadata(),
         "models": data.models,
         "ranking": [data.models[i] for i in ranking],
@@ -204,6 +257,8 @@ def train_selector(
         "margin": margin,
         "seconds_per_audio_s": seconds_per_audio_s(data.scores, data.files, durations),
         "training": {
+            "learner": learner,
+            "seconds": training_seconds,
             "files": len(data.files),
             "folds": n_folds,
             "held_out_files": int(validated.sum()),
@@ -213,15 +268,15 @@ def train_selector(
                         for j in range(len(data.models))],
         },
     }
-    checkpoint_path = Path(checkpoint_path)
     checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(checkpoint_path) as tmp:
         torch.save(selector, tmp)
     return selector
 
 
-def load_selector(checkpoint_path: str | os.PathLike[str]) -> tuple[dict[str, Any], QualityPredictor]:
-    """The checkpoint's settings and its predictor; SelectionError with the reason when unusable."""
+def load_selector(checkpoint_path: str | os.PathLike[str]) -> tuple[dict[str, Any], GainLearner]:
+    """The checkpoint's settings and its predictor (of the learner it records; selectors made
+    before learners were recorded are LightGBM's); SelectionError with the reason when unusable."""
     import torch
 
     try:
@@ -233,7 +288,11 @@ def load_selector(checkpoint_path: str | os.PathLike[str]) -> tuple[dict[str, An
     if selector.get("format") != SELECTOR_FORMAT:
         raise SelectionError(f"{checkpoint_path}: selector format {selector.get('format')}, this serec reads "
                              f"{SELECTOR_FORMAT}; retrain with --training_stage predictor")
-    return selector, QualityPredictor.from_metadata(selector["predictor"])
+    learner = selector.get("learner", DEFAULT_LEARNER)
+    if learner not in LEARNERS:
+        raise SelectionError(f"{checkpoint_path}: made by learner {learner!r}, which this serec does not know "
+                             f"({', '.join(LEARNERS)}); retrain with --training_stage predictor")
+    return selector, learner_class(learner).from_metadata(selector["predictor"])
 
 
 @dataclass
@@ -355,22 +414,33 @@ class PolicyTiming:
     dnsmos_s: float = math.nan
 
 
-def predict_files(selector: Mapping[str, Any], predictor: QualityPredictor, feat_dir: str | os.PathLike[str],
-                  files: Sequence[str]) -> np.ndarray:
-    """Predicted gains (files, models) from precomputed feature vectors of the selector's set."""
+def predict_files(selector: Mapping[str, Any], predictor: GainLearner, feat_dir: str | os.PathLike[str],
+                  files: Sequence[str], audio_dir: str | os.PathLike[str] | None = None) -> np.ndarray:
+    """Predicted gains (files, models) from precomputed feature vectors of the selector's set
+    (and, for learners that read the audio, the noisy files in `audio_dir`)."""
     features, names = load_feature_matrix(feat_dir, list(files))
     if names != predictor.feature_names:
         raise SelectionError(f"{feat_dir}: feature names differ from those the predictor was trained on "
                              f"(feature set {selector['feature_set']}); recompute them with that feature set")
-    return predictor.predict(features)[0]
+    return predictor.predict(GainInputs(features, list(files), None if audio_dir is None else Path(audio_dir)))[0]
+
+
+def predict_one(selector: Mapping[str, Any], predictor: GainLearner, path: Path) -> np.ndarray:
+    """One noisy file's predicted gains (models,), all computed from its audio here: the
+    feature vector, the learner's own audio input (an AST's fbank), the prediction."""
+    from serec.features import file_features
+
+    vector = file_features(path, selector["feature_set"])
+    return predictor.predict(GainInputs(vector[None, :], [path.name], path.parent))[0][0]
 
 
 def evaluate_selector(
     selector: Mapping[str, Any],
-    predictor: QualityPredictor,
+    predictor: GainLearner,
     labels_csv: str | os.PathLike[str],
     feat_dir: str | os.PathLike[str],
     *,
+    audio_dir: str | os.PathLike[str] | None = None,
     timing: PolicyTiming | None = None,
     cost_lambda: float = DEFAULT_COST_LAMBDA,
     verify_k: int = DEFAULT_VERIFY_K,
@@ -383,7 +453,7 @@ def evaluate_selector(
     if not files:
         raise SelectionError(f"{labels_csv}: no file has every system's {label_metric} in scores.csv")
     timing = timing or PolicyTiming()
-    predicted = predict_files(selector, predictor, feat_dir, files)
+    predicted = predict_files(selector, predictor, feat_dir, files, audio_dir)
     strategies = [
         *selector_strategies(selector, predicted, files, scores, recommender_seconds_per_file=timing.recommender_s,
                              cost_lambda=cost_lambda, verify_k=verify_k),
@@ -394,32 +464,49 @@ def evaluate_selector(
     return StrategyComparison(rows, files, best_single, label_metric, left_out)
 
 
-def time_recommender(selector: Mapping[str, Any], predictor: QualityPredictor, noisy_paths: Sequence[Path],
+def time_recommender(selector: Mapping[str, Any], predictor: GainLearner, noisy_paths: Sequence[Path],
                      max_files: int = 8) -> float:
-    """Seconds per file on this machine, one thread: features + prediction (NaN without files)."""
+    """Seconds per file on this machine, one thread: features (+ an AST's fbank) + prediction
+    (predict_one; NaN without files)."""
     import time
 
-    from serec.features import file_features
     from serec.parallel import use_single_thread
 
     use_single_thread()
-    sample = list(noisy_paths)[:max_files]
+    sample = [Path(p) for p in noisy_paths][:max_files]
     if not sample:
         return math.nan
-    file_features(sample[0], selector["feature_set"])  # loads the ONNX sessions outside the timing
+    predict_one(selector, predictor, sample[0])  # loads ONNX sessions and parses models outside the timing
     started = time.perf_counter()
     for path in sample:
-        predictor.predict(file_features(path, selector["feature_set"])[None, :])
+        predict_one(selector, predictor, path)
     return (time.perf_counter() - started) / len(sample)
 
 
-def measure_timing(selector: Mapping[str, Any], predictor: QualityPredictor, noisy_paths: Sequence[Path],
+def measure_timing(selector: Mapping[str, Any], predictor: GainLearner, noisy_paths: Sequence[Path],
                    max_files: int = 8) -> PolicyTiming:
     """Seconds per file on this machine, one thread: the recommender, and DNSMOS on one output."""
     from serec.strategies import measure_dnsmos_seconds_per_file
 
     return PolicyTiming(time_recommender(selector, predictor, noisy_paths, max_files),
                         measure_dnsmos_seconds_per_file(list(noisy_paths)[:max_files], max_files))
+
+
+# `serec.selection train`'s flags for --learner ast: RecommenderConfig fields (its defaults when absent).
+AST_FLAGS: dict[str, type] = {
+    "pretrained_models": str, "ast_size": str, "ast_model_dir": Path, "max_audio_seconds": float,
+    "learning_rate": float, "weight_decay": float, "batch_size": int, "num_epochs": int, "patience": int,
+    "device": str,
+}  # fmt: skip
+
+
+def _recommender_config(args: Any) -> Any:
+    """A RecommenderConfig from `serec.selection train`'s flags (those given; defaults else)."""
+    from serec.recommender.config import RecommenderConfig
+
+    given = {flag: getattr(args, flag) for flag in AST_FLAGS if getattr(args, flag) is not None}
+    return RecommenderConfig(labels_csv=args.labels_csv, output_dir=args.output.parent, audio_dir=args.noisy_dir,
+                             metadata_csv=args.metadata_csv, seed=args.seed, **given)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -443,6 +530,12 @@ def main(argv: list[str] | None = None) -> int:
                        help="the score whose gain is predicted (default: the one the labels were made with)")
     train.add_argument("--n_folds", type=int, default=DEFAULT_FOLDS)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--learner", choices=list(LEARNERS), default=DEFAULT_LEARNER,
+                       help="lightgbm: boosted trees on the features; ast: the AST joined with the features "
+                       "(hybrid), a regression head, one network per fold")
+    train.add_argument("--noisy_dir", type=Path, help="the training split's noisy files (read by --learner ast)")
+    for flag, kind in AST_FLAGS.items():  # default: RecommenderConfig's (model_recommender_w_scaler.py's)
+        train.add_argument(f"--{flag}", type=kind, help="for --learner ast, as in model_recommender_w_scaler.py")
     evaluate = sub.add_parser("evaluate", help="score every policy on an evaluated test split")
     evaluate.add_argument("--selector", type=Path, required=True, help="checkpoint written by train")
     evaluate.add_argument("--labels_csv", type=Path, required=True, help="enhancement_driver's labels.csv (test split)")
@@ -455,8 +548,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
+            # Only learners that read the audio are networks, sized and trained by a RecommenderConfig.
+            config = _recommender_config(args) if learner_class(args.learner).reads_audio else None
             selector = train_selector(args.labels_csv, args.features_dir, args.metadata_csv, args.output,
-                                      label_metric=args.label_metric, n_folds=args.n_folds, seed=args.seed)
+                                      label_metric=args.label_metric, n_folds=args.n_folds, seed=args.seed,
+                                      learner=args.learner, audio_dir=args.noisy_dir, config=config)
             write_run_json(args.output.parent, args, selector_training=selector["training"])
             print(f"selector: {args.output} (best single {selector['best_single']}, safe margin "
                   f"{selector['margin']:g}, {selector['training']['files']} files)")
@@ -464,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
         selector, predictor = load_selector(args.selector)
         timing = (measure_timing(selector, predictor, list_audio_files(args.noisy_dir))
                   if args.noisy_dir else PolicyTiming())
-        comparison = evaluate_selector(selector, predictor, args.labels_csv, args.features_dir, timing=timing,
+        comparison = evaluate_selector(selector, predictor, args.labels_csv, args.features_dir,
+                                       audio_dir=args.noisy_dir, timing=timing,
                                        cost_lambda=args.cost_lambda, verify_k=args.verify_k, seed=args.seed)
         path = write_strategies(args.output_dir, comparison)
         write_run_json(args.output_dir, args, timing=vars(timing))

@@ -27,7 +27,7 @@ from serec.assessment import evaluate_rec_folders
 from serec.audio import AudioError, file_id, list_audio_files
 from serec.fileio import RowLog, atomic_path, write_csv_atomic, write_json_atomic
 from serec.parallel import Backend
-from serec.predictor import QualityPredictor
+from serec.predictor import GainLearner
 from serec.routing import Route, copy_routed_files, enhance_routed_files, enhanced_path
 from serec.schema import (
     ERROR_COLUMNS,
@@ -49,6 +49,7 @@ from serec.selection import (
     load_selector,
     policy_names,
     predict_files,
+    predict_one,
     selector_strategies,
     time_recommender,
 )
@@ -68,7 +69,7 @@ class SelectorRun:
 
     path: Path
     settings: dict[str, Any]
-    predictor: QualityPredictor
+    predictor: GainLearner
     policy: str | None = None
     cost_lambda: float = DEFAULT_COST_LAMBDA
     verify_k: int = DEFAULT_VERIFY_K
@@ -118,22 +119,22 @@ class Predictions:
 def predict_folder(run: SelectorRun, noisy_dir: Path, files: Sequence[str],
                    features_dir: Path | None = None) -> Predictions:
     """Each file's predicted gains: from `features_dir` (the selector's feature set, as
-    preprocess_features.py writes it) or computed here, one file at a time, timed."""
-    from serec.features import file_features
+    preprocess_features.py writes it; a learner that reads the audio also reads `noisy_dir`)
+    or computed here, one file at a time, timed."""
     from serec.parallel import use_single_thread
 
     if features_dir is not None:
-        return Predictions(list(files), predict_files(run.settings, run.predictor, features_dir, files), {}, math.nan)
+        predicted = predict_files(run.settings, run.predictor, features_dir, files, noisy_dir)
+        return Predictions(list(files), predicted, {}, math.nan)
     use_single_thread()
     done, rows, errors, seconds = [], [], {}, 0.0
     for fid in tqdm(files, desc="predict", unit="file"):
         started = time.perf_counter()
         try:
-            vector = file_features(noisy_dir / fid, run.settings["feature_set"])
+            rows.append(predict_one(run.settings, run.predictor, noisy_dir / fid))
         except AudioError as exc:
             errors[fid] = exc.reason
             continue
-        rows.append(run.predictor.predict(vector[None, :])[0][0])
         seconds += time.perf_counter() - started
         done.append(fid)
     gains = np.array(rows) if rows else np.zeros((0, len(run.models)))
@@ -270,6 +271,9 @@ def policy_rows(run: SelectorRun, out_dir: Path, noisy_dir: Path | None, feature
             if noisy_dir is None and features_dir is None:
                 raise SelectionError("the selector's rows need the files' features: give --noisy_speech_dir "
                                      "or --selector_features_dir")
+            if noisy_dir is None and run.predictor.reads_audio:
+                raise SelectionError(f"{run.path}: its {run.predictor.learner} learner reads the noisy audio as "
+                                     "well as the features: give --noisy_speech_dir")
             predictions = predict_folder(run, noisy_dir or Path(), files, features_dir)
         seconds = recommender_seconds_per_file
         if not math.isfinite(seconds):

@@ -156,3 +156,16 @@ def test_cli_trains_and_scores_every_policy_with_intervals(runs: tuple[Path, Pat
                           "--labels_csv", test / "enh" / "labels.csv", "--features_dir", test / "feat",
                           "--output_dir", out], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "none.pth" in bad.stderr
+
+
+def test_each_learner_has_its_own_checkpoint_and_record_folder() -> None:
+    from serec.predictor import DEFAULT_LEARNER, LEARNERS
+    from serec.selection import SELECTOR_CHECKPOINT, selector_checkpoint, selector_record_dir
+
+    assert selector_checkpoint() == selector_checkpoint(DEFAULT_LEARNER) == SELECTOR_CHECKPOINT == "selector.pth"
+    assert selector_record_dir() == "predictor"  # the default learner's files keep their names
+    assert selector_checkpoint("ast") == "selector_ast.pth" and selector_record_dir("ast") == "predictor_ast"
+    assert len({selector_checkpoint(name) for name in LEARNERS}) == len(LEARNERS)
+    assert len({selector_record_dir(name) for name in LEARNERS}) == len(LEARNERS)
+    with pytest.raises(SelectionError, match="unknown learner 'xgboost'"):
+        selector_checkpoint("xgboost")

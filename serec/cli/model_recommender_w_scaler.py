@@ -9,7 +9,10 @@ Run the stages in order with the same --output_dir, --labels_csv and --seed:
   ... --training_stage evaluate_pipeline --cekl_features_base_dir FEAT
   ... --training_stage predictor --cekl_features_base_dir FEAT_EMBED (the quality selector:
       per-model gain regressors on folds disjoint in speakers and noise recordings; needs
-      --metadata_csv; writes REC/selector.pth, see python -m serec.selection)
+      --metadata_csv; writes REC/selector.pth and REC/predictor/run.json, see python -m
+      serec.selection; --predictor_learner ast: the hybrid AST with a regression head, needs
+      --audio_dir and takes the AST and training flags above, and writes
+      REC/selector_ast.pth and REC/predictor_ast/run.json, so both learners share REC/folds.csv)
 
 Each training stage writes REC/<checkpoint per fold>, REC/<stage>/ (metrics, curves,
 confusion matrices); evaluate_pipeline writes REC/evaluate_pipeline/ and prints the table.
@@ -30,6 +33,7 @@ import torch
 
 from serec.exitcodes import ExitStatus
 from serec.lock import OutputLocked, output_lock
+from serec.predictor import DEFAULT_LEARNER, LEARNERS, PredictorError
 from serec.recommender.ast_model import AST_SIZES, PRETRAINED_CHOICES
 from serec.recommender.config import FEATURE_TYPE_KINDS, RecommenderConfig
 from serec.recommender.crossval import evaluate_pipeline
@@ -39,7 +43,7 @@ from serec.recommender.kinds import available_kinds
 from serec.recommender.stages import STAGES
 from serec.recommender.training import SKIPPED_CSV, train_stage
 from serec.runinfo import write_run_json
-from serec.selection import SELECTOR_CHECKPOINT, SelectionError, train_selector
+from serec.selection import SelectionError, selector_checkpoint, selector_record_dir, train_selector
 
 PREDICTOR_STAGE = "predictor"
 
@@ -126,24 +130,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--training_stage", required=True, choices=[*STAGES, "evaluate_pipeline", PREDICTOR_STAGE])
+    p.add_argument("--predictor_learner", choices=list(LEARNERS), default=DEFAULT_LEARNER,
+                   help="--training_stage predictor's learner: lightgbm on the features, or ast (the AST "
+                   "joined with the features, a regression head; reads --audio_dir)")
     _add_data_flags(p)
     _add_model_flags(p)
     _add_training_flags(p)
     return p.parse_args(argv)
 
 
-def _train_predictor(args: argparse.Namespace) -> int:
-    """The quality selector's stage: python -m serec.selection train with this command's flags."""
+def _train_predictor(args: argparse.Namespace, cfg: RecommenderConfig) -> int:
+    """The quality selector's stage: python -m serec.selection train with this command's flags
+    (`cfg` sizes and trains the ast learner's networks)."""
     if args.metadata_csv is None or args.cekl_features_base_dir is None:
         raise SelectionError("--training_stage predictor needs --metadata_csv (speaker, noise_source) and "
                              "--cekl_features_base_dir (e.g. preprocess_features.py --feature_set dnsmos_embed)")
-    path = args.output_dir / SELECTOR_CHECKPOINT
+    path = args.output_dir / selector_checkpoint(args.predictor_learner)
     selector = train_selector(args.labels_csv, args.cekl_features_base_dir, args.metadata_csv, path,
-                              n_folds=args.n_folds, seed=args.seed)
-    write_run_json(args.output_dir / PREDICTOR_STAGE, args, selector_training=selector["training"])
+                              n_folds=args.n_folds, seed=args.seed, learner=args.predictor_learner,
+                              audio_dir=args.audio_dir, config=cfg)
+    write_run_json(args.output_dir / selector_record_dir(args.predictor_learner), args,
+                   selector_training=selector["training"])
     training = selector["training"]
     print(f"selector: {path} ({selector['label_metric']} gain of {len(selector['models'])} models; best single "
-          f"{selector['best_single']}; safe margin {selector['margin']:g}; {training['files']} files, "
+          f"{selector['best_single']}; safe margin {selector['margin']:g}; learner {training['learner']}, "
+          f"{training['seconds']:.1f} s; {training['files']} files, "
           f"{training['held_out_files']} held out by the {training['folds']} speaker- and noise-disjoint folds)")
     return ExitStatus.OK
 
@@ -161,10 +172,13 @@ def main(argv: list[str] | None = None) -> int:
             cfg = RecommenderConfig(
                 **{f.name: getattr(args, f.name) for f in fields(RecommenderConfig)}
             )
-            (cfg.output_dir / stage).mkdir(parents=True, exist_ok=True)
-            write_run_json(cfg.output_dir / stage, args)
+            # The predictor stage's record goes to its learner's folder (predictor, predictor_ast).
+            record_dir = cfg.output_dir / (selector_record_dir(args.predictor_learner)
+                                           if stage == PREDICTOR_STAGE else stage)
+            record_dir.mkdir(parents=True, exist_ok=True)
+            write_run_json(record_dir, args)
             if stage == PREDICTOR_STAGE:
-                return _train_predictor(args)
+                return _train_predictor(args, cfg)
             if stage == "evaluate_pipeline":
                 report = evaluate_pipeline(cfg)
                 skipped = report.skipped
@@ -179,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                 if result.refit:
                     print(f"refit on every file (deploy this one): {result.refit}")
                 print(f"reports in {result.stage_dir}")
-    except (RecommenderError, OutputLocked, SelectionError, FileNotFoundError) as exc:
+    except (RecommenderError, OutputLocked, SelectionError, PredictorError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitStatus.USAGE
     except KeyboardInterrupt:

@@ -1,5 +1,7 @@
-"""The `ast` kind: an Audio Spectrogram Transformer on the log-mel filterbank, optionally joined
-with the standardised feature vector (the thesis' hybrid model)."""
+"""The AST kinds: an Audio Spectrogram Transformer on the log-mel filterbank, optionally joined
+with the standardised feature vector (the thesis' hybrid model). `ast` classifies (the thesis'
+recommender); `ast_scores` regresses one score gain per enhancer (the quality selector's AST
+learner). Both share the network, its training loop and its checkpoints (`ASTKind`)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 from transformers import ASTConfig, ASTModel
 
+from serec.predictor import HUBER_DELTA
 from serec.recommender.errors import CheckpointError, RecommenderError
 from serec.recommender.fbank import FbankSpec, frames_for_seconds
 from serec.recommender.kinds import (
@@ -23,9 +26,18 @@ from serec.recommender.kinds import (
     ModelBuilder,
     ModelInputs,
     RecommenderModel,
+    ScorePrediction,
     register_kind,
 )
-from serec.recommender.neural import ScaledFeatures, fit_scaler, predict_logits, train_classifier
+from serec.recommender.neural import (
+    Objective,
+    ScaledFeatures,
+    classification,
+    fit_scaler,
+    predict_logits,
+    regression,
+    train_network,
+)
 
 if TYPE_CHECKING:
     from serec.recommender.config import RecommenderConfig
@@ -209,11 +221,9 @@ def estimated_parameters(config: Mapping[str, Any], n_classes: int, n_features: 
     return layers * layer + embeddings + 2 * h + head + 2 * n_features
 
 
-@register_kind
-class ASTClassifier(RecommenderModel):
-    """The thesis' AST classifier (`--model_kind ast`, `--feature_type mel_spec`)."""
-
-    kind = "ast"
+class ASTKind(RecommenderModel):
+    """An ASTNetwork as a recommender model: what the classifier (`ast`) and the score
+    predictor (`ast_scores`) share: building, device, and weights_only checkpoints."""
 
     def __init__(self, network: ASTNetwork, classes: Sequence[str], feature_names: Sequence[str]):
         super().__init__(classes, InputSpec(fbank_spec_for(network.backbone.config),
@@ -225,27 +235,28 @@ class ASTClassifier(RecommenderModel):
         make_backbone, ast_config = _backbone_factory(config)
         spec = fbank_spec_for(ast_config)
 
-        def make(classes: list[str], feature_names: list[str]) -> ASTClassifier:
+        def make(classes: list[str], feature_names: list[str]) -> ASTKind:
             network = ASTNetwork(make_backbone(), len(classes), len(feature_names))
             return cls(network, classes, feature_names)
 
         return ModelBuilder(fbank=spec, uses_features=config.use_hybrid_features, make=make)
 
-    def fit(self, train: ModelInputs, y_train: np.ndarray, val: ModelInputs, y_val: np.ndarray,
-            settings: FitSettings) -> FitReport:  # fmt: skip
+    def _fit(self, train: ModelInputs, y_train: np.ndarray, val: ModelInputs, y_val: np.ndarray,
+             settings: FitSettings, objective: Objective) -> FitReport:  # fmt: skip
         if self.inputs.feature_names:
             self.network.set_scaler(*fit_scaler(train.features))
-        report = train_classifier(self.network, train, y_train, val, y_val, settings)
+        report = train_network(self.network, train, y_train, val, y_val, settings, objective)
         self.device = torch.device(settings.device)
         return report
 
-    def predict_proba(self, x: ModelInputs, batch_size: int = 32) -> np.ndarray:
+    def _outputs(self, x: ModelInputs, batch_size: int) -> torch.Tensor:
+        """The network's last layer for every file of `x` (n, len(classes))."""
         x.check(self.inputs, self.kind)
         x = ModelInputs(x.fbank, x.features if self.inputs.feature_names else None)
-        logits = predict_logits(self.network, x, batch_size, self.device)
-        return torch.softmax(logits, dim=1).numpy().reshape(len(x), len(self.classes))
+        return predict_logits(self.network, x, batch_size, self.device).reshape(
+            len(x), len(self.classes))
 
-    def to(self, device: str | torch.device) -> ASTClassifier:
+    def to(self, device: str | torch.device) -> ASTKind:
         super().to(device)
         self.network.to(self.device)
         return self
@@ -259,7 +270,7 @@ class ASTClassifier(RecommenderModel):
 
     @classmethod
     def from_checkpoint(cls, model_config: Mapping[str, Any], state: Mapping[str, torch.Tensor],
-                        classes: Sequence[str], inputs: InputSpec) -> ASTClassifier:  # fmt: skip
+                        classes: Sequence[str], inputs: InputSpec) -> ASTKind:  # fmt: skip
         n_classes, n_features = len(classes), len(inputs.feature_names)
         try:
             ast_config = dict(model_config["ast_config"])
@@ -281,6 +292,49 @@ class ASTClassifier(RecommenderModel):
         if inputs.fbank is not None and inputs.fbank != fbank_spec_for(config):
             raise CheckpointError(f"its fbank {inputs.fbank} does not match its AST {config}")
         return cls(network.eval(), classes, inputs.feature_names)
+
+
+@register_kind
+class ASTClassifier(ASTKind):
+    """The thesis' AST classifier (`--model_kind ast`, `--feature_type mel_spec`)."""
+
+    kind = "ast"
+
+    def fit(self, train: ModelInputs, y_train: np.ndarray, val: ModelInputs, y_val: np.ndarray,
+            settings: FitSettings) -> FitReport:  # fmt: skip
+        return self._fit(train, y_train, val, y_val, settings, classification(settings))
+
+    def predict_proba(self, x: ModelInputs, batch_size: int = 32) -> np.ndarray:
+        return torch.softmax(self._outputs(x, batch_size), dim=1).numpy()
+
+
+@register_kind
+class ASTScorePredictor(ASTKind):
+    """The AST (hybrid with feature names) with a regression head: one predicted score gain
+    per class, i.e. per enhancer (`ast_scores`; the quality selector's AST learner).
+
+    fit() takes a (files, enhancers) float matrix, NaN where an enhancer failed on a file
+    (left out of the masked Huber loss); the inner validation MAE picks the epoch. One
+    network has no spread of its own: predict()'s uncertainty is NaN (unknown, never a
+    false 0); the selector's fold ensemble (`serec.recommender.ast_gain`) reports the
+    spread of its fold networks instead.
+    """
+
+    kind = "ast_scores"
+    output = "scores"
+
+    def fit(self, train: ModelInputs, y_train: np.ndarray, val: ModelInputs, y_val: np.ndarray,
+            settings: FitSettings) -> FitReport:  # fmt: skip
+        shape = (len(train), len(self.classes))
+        if np.shape(y_train) != shape or np.shape(y_val) != (len(val), len(self.classes)):
+            raise ValueError(f"an {self.kind} model needs (files, {len(self.classes)}) score targets, "
+                             f"got {np.shape(y_train)} and {np.shape(y_val)}")
+        return self._fit(train, np.asarray(y_train, np.float32), val, np.asarray(y_val, np.float32),
+                         settings, regression(HUBER_DELTA))
+
+    def predict(self, x: ModelInputs, batch_size: int = 32) -> ScorePrediction:
+        scores = self._outputs(x, batch_size).numpy().astype(np.float64)
+        return ScorePrediction(scores, np.full_like(scores, np.nan))
 
 
 def _check_shapes(build: Callable[[], nn.Module], state: Mapping[str, torch.Tensor]) -> None:

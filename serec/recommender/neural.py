@@ -1,11 +1,15 @@
-"""Torch parts shared by the neural kinds: the feature scaler inside the network, the training
-loop with inner-validation model selection, batched prediction and training curves."""
+"""Torch parts shared by the neural kinds: the feature scaler inside the network, one training
+loop with inner-validation model selection for any `Objective` (classification: cross-entropy
+and macro F1; regression: masked Huber and MAE), batched prediction and training curves."""
 
 from __future__ import annotations
 
 import copy
+import math
 import random
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +90,66 @@ def predict_logits(
     return torch.cat(logits) if logits else torch.zeros(0, 0)
 
 
+@dataclass(frozen=True)
+class Objective:
+    """What a network is trained for: its training loss, its inner-validation metrics, which of
+    them picks the epoch, and whether batches may be class-balanced (classification only)."""
+
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    validate: Callable[[torch.Tensor, np.ndarray], dict[str, float]]
+    rank: Callable[[dict[str, float]], tuple[float, ...]]  # higher is better
+    shown: str  # the metric in the progress bar
+    class_balanced: bool = False
+    target_dtype: torch.dtype = torch.long
+
+
+def classification(settings: FitSettings) -> Objective:
+    """Cross-entropy (label-smoothed in training); the epoch with the best inner-validation
+    macro F1 is kept (ties: lower loss)."""
+
+    def validate(logits: torch.Tensor, y: np.ndarray) -> dict[str, float]:
+        pred = logits.argmax(dim=1).numpy()
+        return {"val_loss": float(nn.functional.cross_entropy(logits, torch.as_tensor(y))),
+                "val_macro_f1": float(f1_score(y, pred, average="macro")),
+                "val_accuracy": float(np.mean(pred == y))}  # fmt: skip
+
+    return Objective(
+        loss=nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing),
+        validate=validate,
+        rank=lambda m: (m["val_macro_f1"], -m["val_loss"]),
+        shown="val_macro_f1",
+        class_balanced=settings.use_weighted_sampler,
+    )
+
+
+def masked_huber(predicted: torch.Tensor, target: torch.Tensor, delta: float) -> torch.Tensor:
+    """Huber loss over the finite targets only (NaN: that enhancer failed on that file)."""
+    finite = torch.isfinite(target)
+    if not bool(finite.any()):
+        return predicted.sum() * 0.0  # no score in this batch: no gradient, but a graph
+    return nn.functional.huber_loss(predicted[finite], target[finite], delta=delta)
+
+
+def regression(delta: float) -> Objective:
+    """Masked Huber loss on a (files, outputs) score matrix; the epoch with the lowest
+    inner-validation mean absolute error (over finite targets) is kept."""
+
+    def validate(predicted: torch.Tensor, y: np.ndarray) -> dict[str, float]:
+        target = torch.as_tensor(np.asarray(y, dtype=np.float32))
+        finite = torch.isfinite(target)
+        error = (predicted[finite] - target[finite]).abs()
+        return {"val_loss": float(masked_huber(predicted, target, delta)),
+                "val_mae": float(error.mean()) if len(error) else math.inf}  # fmt: skip
+
+    return Objective(
+        loss=lambda predicted, target: masked_huber(predicted, target, delta),
+        validate=validate,
+        rank=lambda m: (-m["val_mae"],),
+        shown="val_mae",
+        target_dtype=torch.float32,
+    )
+
+
 def _batch_order(targets: np.ndarray, weighted: bool, generator: torch.Generator) -> torch.Tensor:
     n = len(targets)
     if not weighted:
@@ -96,78 +160,66 @@ def _batch_order(targets: np.ndarray, weighted: bool, generator: torch.Generator
     return torch.multinomial(weights, n, replacement=True, generator=generator)
 
 
-def _validate(
-    network: nn.Module, val: ModelInputs, y_val: np.ndarray, settings: FitSettings
-) -> tuple[float, float, float]:
-    """(loss, macro F1, accuracy) on the inner validation files, without label smoothing."""
-    logits = predict_logits(network, val, settings.batch_size, torch.device(settings.device))
-    loss = float(nn.functional.cross_entropy(logits, torch.as_tensor(y_val)))
-    pred = logits.argmax(dim=1).numpy()
-    return loss, float(f1_score(y_val, pred, average="macro")), float(np.mean(pred == y_val))
-
-
 def _train_epoch(
     network: nn.Module,
     train: ModelInputs,
     y_train: np.ndarray,
     optimizer: torch.optim.Optimizer,
-    loss_fn: nn.Module,
+    objective: Objective,
     settings: FitSettings,
     generator: torch.Generator,
 ) -> float:
     """One pass over the training files; returns the mean training loss."""
     device = torch.device(settings.device)
     network.train()
-    order = _batch_order(y_train, settings.use_weighted_sampler, generator)
+    order = _batch_order(y_train, objective.class_balanced, generator)
+    targets = torch.as_tensor(np.asarray(y_train)).to(objective.target_dtype)
     total = 0.0
     for start in range(0, len(order), settings.batch_size):
         batch = order[start : start + settings.batch_size]
-        y = torch.as_tensor(y_train)[batch].to(device)
         optimizer.zero_grad()
-        loss = loss_fn(network(*_tensors(train, batch, device)), y)
+        loss = objective.loss(network(*_tensors(train, batch, device)), targets[batch].to(device))
         loss.backward()
         optimizer.step()
         total += loss.item() * len(batch)
     return total / len(order)
 
 
-def train_classifier(
+def train_network(
     network: nn.Module,
     train: ModelInputs,
     y_train: np.ndarray,
     val: ModelInputs,
     y_val: np.ndarray,
     settings: FitSettings,
+    objective: Objective,
 ) -> FitReport:
-    """AdamW training of `network(fbank, features) -> logits`; keeps the weights of the epoch
-    with the best inner-validation macro F1 (ties: lower loss) and stops after `patience`
-    epochs without improvement."""
+    """AdamW training of `network(fbank, features) -> outputs` for `objective`; keeps the
+    weights of the epoch the objective ranks best on the inner validation files and stops
+    after `patience` epochs without improvement."""
     if len(y_val) == 0:
         raise RecommenderError(
             f"{settings.desc}: the inner validation split holds no files of this stage"
         )
-    network.to(torch.device(settings.device))
+    device = torch.device(settings.device)
+    network.to(device)
     optimizer = torch.optim.AdamW(
         network.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
     )
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
     generator = torch.Generator().manual_seed(settings.seed)
     best_state = copy.deepcopy(network.state_dict())
-    best, best_epoch = (-1.0, float("inf")), 0
+    best, best_epoch = (-math.inf,), 0
     history: list[dict[str, float]] = []
     epochs = tqdm(range(1, settings.num_epochs + 1), desc=settings.desc, unit="epoch")
     for epoch in epochs:
         started = time.perf_counter()
-        train_loss = _train_epoch(network, train, y_train, optimizer, loss_fn, settings, generator)
-        val_loss, val_f1, val_acc = _validate(network, val, y_val, settings)
-        history.append({
-            "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-            "val_macro_f1": val_f1, "val_accuracy": val_acc,
-            "seconds": time.perf_counter() - started,
-        })  # fmt: skip
-        epochs.set_postfix(loss=f"{train_loss:.3f}", val_f1=f"{val_f1:.3f}")
-        if (val_f1, -val_loss) > (best[0], -best[1]):
-            best, best_epoch = (val_f1, val_loss), epoch
+        train_loss = _train_epoch(network, train, y_train, optimizer, objective, settings, generator)
+        metrics = objective.validate(predict_logits(network, val, settings.batch_size, device), y_val)
+        history.append({"epoch": epoch, "train_loss": train_loss, **metrics,
+                        "seconds": time.perf_counter() - started})  # fmt: skip
+        epochs.set_postfix(loss=f"{train_loss:.3f}", **{objective.shown: f"{metrics[objective.shown]:.3f}"})
+        if objective.rank(metrics) > best:
+            best, best_epoch = objective.rank(metrics), epoch
             best_state = copy.deepcopy(network.state_dict())
         elif epoch - best_epoch >= settings.patience:
             break

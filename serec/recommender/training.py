@@ -197,6 +197,11 @@ def train_stage(cfg: RecommenderConfig, stage: str) -> StageResult:
     With cfg.refit, a last model is trained the same way on every file (fold "all"): the
     one to deploy, since the fold models each saw only part of the data.
     """
+    if kind_class(cfg.model_kind).output != "proba":
+        raise RecommenderError(
+            f"--model_kind {cfg.model_kind} predicts scores, not a class: it is the quality "
+            "selector's learner (--training_stage predictor --predictor_learner ast)"
+        )
     builder = kind_class(cfg.model_kind).builder(cfg)
     cfg.check_inputs(builder.fbank is not None, builder.uses_features)
     device = resolve_device(cfg.device)

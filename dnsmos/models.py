@@ -24,6 +24,8 @@ from dnsmos.windows import WINDOW_SAMPLES
 
 log = logging.getLogger(__name__)
 
+# A folder of DNSMOS models every step scores with when none is passed (README: DNSMOS).
+MODEL_DIR_ENV = "SEREC_DNSMOS_MODEL_DIR"
 PRIMARY_FILE = "sig_bak_ovr.onnx"
 P808_FILE = "model_v8.onnx"
 MODEL_INPUT = "input_1"
@@ -101,9 +103,15 @@ def _find(name: str, base: Path, subdirs: tuple[str, ...], searched: list[Path])
 
 
 def find_model_files(personalized: bool, model_dir: str | os.PathLike[str] | None = None) -> ModelFiles:
-    """The primary and P.808 model paths; DnsmosModelError listing every place looked at."""
+    """The primary and P.808 model paths; DnsmosModelError listing every place looked at.
+
+    Without `model_dir`, the folder in the SEREC_DNSMOS_MODEL_DIR environment variable, else
+    the models bundled with speechmos.
+    """
     variant = PERSONALIZED if personalized else REGULAR
     bundled = bundled_model_dir()
+    if model_dir is None:
+        model_dir = os.environ.get(MODEL_DIR_ENV) or None
     base = Path(model_dir) if model_dir is not None else bundled
     searched: list[Path] = []
     primary = p808 = None

@@ -12,6 +12,7 @@ external (subprocess) enhancers in the main process with big batches.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from collections import Counter
@@ -22,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from dnsmos.models import MODEL_DIR_ENV
 from serec.audio import (
     SAMPLE_RATE,
     AudioError,
@@ -70,7 +72,9 @@ class EnhancementConfig:
 
     @property
     def scoring(self) -> dict[str, Any]:
-        return {"dnsmos_level_db": self.dnsmos_level_db}
+        # The DNSMOS models, when not speechmos's (SEREC_DNSMOS_MODEL_DIR): scores of two
+        # models must not mix either.
+        return {"dnsmos_level_db": self.dnsmos_level_db, "dnsmos_model_dir": os.environ.get(MODEL_DIR_ENV) or None}
 
 
 @dataclass

@@ -130,7 +130,7 @@ def check_model_settings(
 
 # Scoring settings shared by every row of a scores.csv (a folder from before they were
 # recorded was scored with these).
-REFERENCE_SCORING: dict[str, Any] = {"dnsmos_level_db": None}
+REFERENCE_SCORING: dict[str, Any] = {"dnsmos_level_db": None, "dnsmos_model_dir": None}
 
 
 def check_scoring_settings(output_dir: str | os.PathLike[str], current: Mapping[str, Any]) -> None:

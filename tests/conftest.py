@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,3 +28,41 @@ def speech_noise_dirs(tmp_path: Path) -> tuple[Path, Path]:
     for kind in ("pink", "babble", "hum"):
         write_wav(noise / f"{kind}.wav", NOISE_KINDS[kind](rng, 1.0))
     return clean, noise
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "real_dnsmos: score with the real DNSMOS models (speechmos's), not the tiny ones")
+
+
+@pytest.fixture(scope="session")
+def tiny_dnsmos_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_dnsmos import write_tiny_dnsmos
+
+    return write_tiny_dnsmos(tmp_path_factory.mktemp("tiny_dnsmos"))
+
+
+def _uses_real_dnsmos(node: pytest.Item | pytest.Module) -> bool:
+    return node.get_closest_marker("real_dnsmos") is not None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def dnsmos_models_of_module(request: pytest.FixtureRequest, tiny_dnsmos_dir: Path) -> Iterator[None]:
+    """Plumbing tests score with the tiny DNSMOS (tiny_dnsmos.py), in this process and in the
+    CLIs they start; modules marked real_dnsmos (and their module fixtures) with the real models."""
+    from dnsmos.models import MODEL_DIR_ENV
+
+    with pytest.MonkeyPatch.context() as patch:
+        if _uses_real_dnsmos(request.node):
+            patch.delenv(MODEL_DIR_ENV, raising=False)
+        else:
+            patch.setenv(MODEL_DIR_ENV, str(tiny_dnsmos_dir))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def dnsmos_models_of_test(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A single test marked real_dnsmos in a plumbing module scores with the real models."""
+    from dnsmos.models import MODEL_DIR_ENV
+
+    if _uses_real_dnsmos(request.node):
+        monkeypatch.delenv(MODEL_DIR_ENV, raising=False)

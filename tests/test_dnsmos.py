@@ -19,6 +19,9 @@ from dnsmos.windows import plan_windows
 from serec.audio import resample, write_wav
 from serec.synth import NOISE_KINDS, speech_like
 
+# These check the real models against speechmos and their own properties.
+pytestmark = pytest.mark.real_dnsmos
+
 TOLERANCE = 1e-4
 KEYS = {"sig": "sig_mos", "bak": "bak_mos", "ovr": "ovrl_mos", "p808": "p808_mos"}
 
@@ -236,3 +239,18 @@ def test_only_the_known_primary_graph_is_split() -> None:
     files = find_model_files(False)
     assert split_primary(onnx.load(str(files.primary))) is not None
     assert split_primary(onnx.load(str(files.p808))) is None
+
+
+def test_model_folder_from_the_environment_unless_one_is_passed(
+    tiny_dnsmos_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dnsmos.models import MODEL_DIR_ENV
+
+    bundled = find_model_files(False)
+    monkeypatch.setenv(MODEL_DIR_ENV, str(tiny_dnsmos_dir))
+    assert find_model_files(False).primary == tiny_dnsmos_dir / "DNSMOS" / "sig_bak_ovr.onnx"
+    assert DNSMOS().files.p808 == tiny_dnsmos_dir / "DNSMOS" / "model_v8.onnx"
+    assert find_model_files(False, bundled.primary.parent.parent).primary == bundled.primary
+    monkeypatch.setenv(MODEL_DIR_ENV, str(tiny_dnsmos_dir / "nowhere"))
+    with pytest.raises(DnsmosModelError, match="nowhere"):
+        find_model_files(False)

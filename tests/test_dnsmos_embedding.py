@@ -11,6 +11,9 @@ from dnsmos import DNSMOS
 from dnsmos.embedding import EMBEDDING_SIZES, DnsmosEmbedder, embedding_names
 from serec.synth import coloured_noise, speech_like
 
+# These check the real models against speechmos and their own properties.
+pytestmark = pytest.mark.real_dnsmos
+
 
 @pytest.fixture(scope="module")
 def embedder() -> DnsmosEmbedder:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from dnsmos.models import MODEL_DIR_ENV
 from serec.audio import write_wav
 from serec.schema import SCORE_COLUMNS
 from serec.synth import NOISE_KINDS, speech_like
@@ -38,9 +39,9 @@ def make_pairs(root: Path, n: int, seed: int = 3) -> tuple[Path, Path]:
     return noisy, clean
 
 
-def run_driver(*args: str | Path, check: bool = False) -> subprocess.CompletedProcess:
+def run_driver(*args: str | Path, check: bool = False, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, str(DRIVER), *map(str, args)], capture_output=True, text=True, timeout=600
+        [sys.executable, str(DRIVER), *map(str, args)], capture_output=True, text=True, timeout=600, env=env
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"driver failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -180,7 +181,7 @@ def test_dnsmos_level_is_recorded_applied_and_never_mixed(tmp_path: Path) -> Non
     out = tmp_path / "out"
     run_driver("--noisy_dir", noisy, "--output_dir", out, "--models", "spectral_gating",
                "--dnsmos_level_db", "-26", check=True)
-    assert json.loads((out / "run.json").read_text())["scoring"] == {"dnsmos_level_db": -26.0}
+    assert json.loads((out / "run.json").read_text())["scoring"]["dnsmos_level_db"] == -26.0
     levelled = {(r["file"], r["system"]): float(r["dnsmos_ovr"]) for r in read_csv(out / "scores.csv")}
     as_is_out = tmp_path / "as_is"
     run_driver("--noisy_dir", noisy, "--output_dir", as_is_out, "--models", "spectral_gating", check=True)
@@ -210,8 +211,10 @@ def test_a_folder_from_before_the_renovation_resumes_without_overwrite(
     (old / "run.json").write_text(json.dumps(run))
     (old / ".serec.lock").unlink(missing_ok=True)
     before = {p.name: p.read_bytes() for p in (old / "scores.csv", old / "labels.csv")}
+    # Such a folder was scored with speechmos's models: the re-run must not name others.
+    env = {k: v for k, v in os.environ.items() if k != MODEL_DIR_ENV}
     proc = run_driver("--noisy_dir", noisy, "--clean_dir", clean, "--output_dir", old,
-                      "--models", *MODELS, check=True)
+                      "--models", *MODELS, check=True, env=env)
     assert "pairs run now: 0" in proc.stdout
     assert {p.name: p.read_bytes() for p in (old / "scores.csv", old / "labels.csv")} == before
     assert "model_settings" in json.loads((old / "run.json").read_text())

@@ -190,6 +190,7 @@ def test_snr_estimate_rises_with_true_snr(rng: np.random.Generator) -> None:
     assert estimates[0] < estimates[1] < estimates[2]
 
 
+@pytest.mark.real_dnsmos
 def test_cekl_plus_folder_run_with_real_dnsmos(tmp_path: Path, rng: np.random.Generator) -> None:
     dnsmos = pytest.importorskip("dnsmos")
     data, feat = tmp_path / "noisy", tmp_path / "feat"

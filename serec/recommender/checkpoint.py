@@ -18,6 +18,15 @@ from serec.recommender.errors import CheckpointError
 from serec.recommender.fbank import FbankSpec
 from serec.recommender.kinds import InputSpec, RecommenderModel, kind_class
 
+# The fold number of a refit (--refit): trained on every labelled file, held out none; its
+# checkpoints and reports name it "all". It is the model to deploy.
+REFIT_FOLD = 0
+
+
+def fold_name(fold: int) -> int | str:
+    """A fold as file names and reports show it: its number, or "all" for the refit."""
+    return "all" if fold == REFIT_FOLD else fold
+
 CHECKPOINT_FORMAT = "serec-recommender/2"
 # The first format: the same content, but with flat metadata (model_kind, ast_config, fbank,
 # head_dropout, scaler_mean / scaler_scale beside the state dict). Still loaded.

@@ -6,13 +6,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from serec.recommender.checkpoint import REFIT_FOLD, fold_name
 from serec.recommender.errors import RecommenderError
 from serec.recommender.kinds import FitSettings, kind_class
 
 # The thesis' --feature_type named the model kind by its input; kept as an alias.
-# The fold number of a refit (--refit): trained on every labelled file, held out none; its
-# checkpoints are named with "all" for {fold}. It is the model to deploy.
-REFIT_FOLD = 0
 FEATURE_TYPE_KINDS = {"mel_spec": "ast", "cekl": "logistic_regression"}
 
 
@@ -77,7 +75,7 @@ class RecommenderConfig:
         """A stage's checkpoint for a fold ("all" for the refit); relative templates resolve
         inside output_dir."""
         template = getattr(self, f"{stage}_model_path")
-        path = Path(template.format(fold="all" if fold == REFIT_FOLD else fold))
+        path = Path(template.format(fold=fold_name(fold)))
         return path if path.is_absolute() else self.output_dir / path
 
     def check_inputs(self, reads_audio: bool, reads_features: bool) -> None:

@@ -24,7 +24,7 @@ from serec.feature_files import FEATURES_JSON, feature_path, read_features_meta
 from serec.features import DEFAULT_MAX_SECONDS, FEATURE_SETS, file_features
 from serec.fileio import RowLog, csv_text, write_csv_atomic, write_json_atomic, write_text_atomic
 from serec.labels import ALL_FAILED
-from serec.recommender.checkpoint import CheckpointMetadata, load_checkpoint
+from serec.recommender.checkpoint import CheckpointMetadata, fold_name, load_checkpoint
 from serec.recommender.errors import CheckpointError
 from serec.recommender.fbank import FbankSpec, fbank_batch
 from serec.recommender.kinds import ModelInputs, RecommenderModel
@@ -225,7 +225,7 @@ class Recommender:
                 m.stage: {
                     "path": str(m.path),
                     "sha256": m.sha256,
-                    "fold": m.metadata.fold,
+                    "fold": fold_name(m.metadata.fold),
                     "class_names": m.class_names,
                     "feature_names": m.feature_names,
                     "model_kind": m.metadata.kind,

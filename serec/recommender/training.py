@@ -13,12 +13,13 @@ import torch
 
 from serec.fileio import write_csv_atomic
 from serec.recommender.checkpoint import (
+    REFIT_FOLD,
     CheckpointMetadata,
     TrainingRecord,
     load_checkpoint,
     save_checkpoint,
 )
-from serec.recommender.config import REFIT_FOLD, RecommenderConfig
+from serec.recommender.config import RecommenderConfig
 from serec.recommender.errors import CheckpointError, RecommenderError
 from serec.recommender.folds import inner_validation_mask
 from serec.recommender.inputs import ExperimentData, prepare_experiment

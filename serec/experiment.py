@@ -402,6 +402,31 @@ def learner_comparison_section(work_dir: Path) -> str:
     ])
 
 
+def targets_section(work_dir: Path) -> str:
+    """The quality selector's targets on the test split, met or not, and what limits them (serec.targets)."""
+    from serec.level_check import read_summary
+    from serec.pipeline import LEVEL_CHECK_DIR
+    from serec.targets import limits_text, target_checks
+
+    folder = work_dir / "recommendation"
+    if not (folder / STRATEGIES_CSV).is_file():
+        return ""
+    rows = {r["strategy"]: r for r in strategies_table(folder).to_dict("records")}
+    checks = target_checks(rows, DEFAULT_VERIFY_K)
+    if not checks:
+        return ""
+    training = selector_training(work_dir, DEFAULT_LEARNER) or {}
+    summary = read_summary(work_dir / LEVEL_CHECK_DIR)
+    changed = summary["labels_changed"] / summary["files"] if summary and summary.get("files") else None
+    limits = limits_text(rows, [float(v) for v in training.get("oof_mae", [])], changed, DEFAULT_VERIFY_K)
+    return "\n\n".join(filter(None, [
+        "### The selector's targets",
+        f"Measured on the test files above (the {DEFAULT_LEARNER} learner); nothing was tuned on them.",
+        markdown_table(["target", "measured", "met"], [[t, m, "yes" if ok else "**no**"] for t, m, ok in checks]),
+        f"What limits them: {limits}." if limits else "",
+    ]))
+
+
 def write_tables(work_dir: Path, results_dir: Path, classes: Mapping[str, str]) -> Path:
     """results_dir/tables.md, with copies of run.json and timings.json, from the files the steps wrote."""
     run = json.loads((work_dir / "run.json").read_text())
@@ -425,7 +450,7 @@ def write_tables(work_dir: Path, results_dir: Path, classes: Mapping[str, str]) 
     sections = [header, dataset_section(work_dir, settings, classes), model_scores_section(work_dir),
                 level_check_section(work_dir),
                 f1_section(work_dir), selector_section(work_dir), routing_section(work_dir, results_dir),
-                learner_comparison_section(work_dir),
+                targets_section(work_dir), learner_comparison_section(work_dir),
                 "## Time of each step\n\nWall time on this machine (`timings.json`).\n\n" + timings_table(timings)]
     path = results_dir / TABLES_MD
     write_text_atomic(path, "\n\n".join(filter(None, sections)) + "\n")

@@ -30,6 +30,12 @@ def speech_noise_dirs(tmp_path: Path) -> tuple[Path, Path]:
     return clean, noise
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked slow first: on xdist's workers (pyproject addopts) a long test then runs
+    beside the others instead of after them."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "real_dnsmos: score with the real DNSMOS models (speechmos's), not the tiny ones")
 

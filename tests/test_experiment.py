@@ -45,6 +45,7 @@ def test_noise_classes_from_manifest_else_none(tmp_path: Path) -> None:
 # Real DNSMOS: on this small corpus its labels leave every fold's stages files to train and
 # validate on; the tiny model's near-random labels do not.
 @pytest.mark.real_dnsmos
+@pytest.mark.slow
 def test_experiment_end_to_end_writes_every_table_and_resumes(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
     build_corpus(corpus, speech="synth", utterances_per_speaker=6, seed=1)

@@ -132,7 +132,8 @@ class DemoConfig:
     speech: str = "auto"  # auto | espeak | synth
     models: tuple[str, ...] = DEMO_MODELS
     utterances_per_speaker: int = 8
-    num_mixtures: int = 192
+    # 96: the neural zoo scores six systems per file; 192 took 26 min on a 2-core CPU (BENCHMARKS).
+    num_mixtures: int = 96
     test_fraction: float = 0.25
     n_folds: int = 3
     num_epochs: int = 40

@@ -38,7 +38,7 @@ from serec.labels import ALL_FAILED, NOISY_SYSTEM, LabelRule, label_one
 from serec.lock import output_lock
 from serec.parallel import Backend, ChunkJob, LocalBackend, WorkUnit, chunk_units, run_units
 from serec.quality import QualityScorer
-from serec.runinfo import RUN_JSON
+from serec.runinfo import RUN_JSON, recorded_dnsmos_level
 from serec.schema import LABELS_CSV, SCORES_CSV, read_labels, read_scores
 
 RESCORED_CSV = "rescored.csv"
@@ -65,10 +65,8 @@ def active_level_db(audio: np.ndarray) -> float:
 def run_scoring(enhancement_dir: str | os.PathLike[str]) -> tuple[float | None, LabelRule | None]:
     """(the DNSMOS level the run scored at, None: as is; its label rule, None: not recorded)."""
     path = Path(enhancement_dir) / RUN_JSON
-    record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    level = (record.get("scoring") or {}).get("dnsmos_level_db")
-    rule = record.get("label_rule")
-    return (None if level is None else float(level)), (LabelRule(**rule) if rule else None)
+    rule = (json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}).get("label_rule")
+    return recorded_dnsmos_level(enhancement_dir), (LabelRule(**rule) if rule else None)
 
 
 def system_audio_path(enhancement_dir: Path, noisy_dir: Path, system: str, fid: str) -> Path:

@@ -133,6 +133,14 @@ def check_model_settings(
 REFERENCE_SCORING: dict[str, Any] = {"dnsmos_level_db": None, "dnsmos_model_dir": None}
 
 
+def recorded_dnsmos_level(output_dir: str | os.PathLike[str]) -> float | None:
+    """The DNSMOS level (dBFS) OUTPUT_DIR's enhancement run scored at (None: as is, or no record)."""
+    path = Path(output_dir) / RUN_JSON
+    record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    level = (record.get("scoring") or {}).get("dnsmos_level_db")
+    return None if level is None else float(level)
+
+
 def check_scoring_settings(output_dir: str | os.PathLike[str], current: Mapping[str, Any]) -> None:
     """Raise SettingsChanged when OUTPUT_DIR's scores were computed with other scoring settings.
 

@@ -15,7 +15,6 @@ the policies are scored on an evaluated test split).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -148,13 +147,9 @@ def read_durations(scores_csv: str | os.PathLike[str]) -> dict[str, float]:
 
 def scoring_level(labels_csv: str | os.PathLike[str]) -> float | None:
     """The DNSMOS level (dBFS) the enhancement run beside labels.csv scored at (None: as is)."""
-    from serec.runinfo import RUN_JSON
+    from serec.runinfo import recorded_dnsmos_level
 
-    record = Path(labels_csv).with_name(RUN_JSON)
-    if not record.is_file():
-        return None
-    level = (json.loads(record.read_text(encoding="utf-8")).get("scoring") or {}).get("dnsmos_level_db")
-    return None if level is None else float(level)
+    return recorded_dnsmos_level(Path(labels_csv).parent)
 
 
 def _selector_folds(

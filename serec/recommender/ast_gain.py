@@ -107,11 +107,11 @@ class ASTGainEnsemble:
             fit_rows, val_rows = np.flatnonzero(train & ~inner & scored), np.flatnonzero(inner & scored)
             seed_everything(settings.seed + k)
             model = builder.make(list(models), list(feature_names))
-            report = model.fit(_rows(x, fit_rows), gains[fit_rows], _rows(x, val_rows), gains[val_rows],
+            report = model.fit(x.take(fit_rows), gains[fit_rows], x.take(val_rows), gains[val_rows],
                                config.fit_settings(settings.seed + k, str(device), f"ast gain fold {k}"))
             model.to("cpu")
             if held.any():
-                oof[held] = model.predict(_rows(x, np.flatnonzero(held)), config.batch_size).scores
+                oof[held] = model.predict(x.take(np.flatnonzero(held)), config.batch_size).scores
             networks.append(model)
             best_epochs.append(report.best_epoch)
         training = {"best_epochs": best_epochs, "fit": {k: getattr(config, k) for k in FIT_FLAGS}}
@@ -149,8 +149,4 @@ class ASTGainEnsemble:
 # The RecommenderConfig fields the ensemble's training record keeps.
 FIT_FLAGS = ("pretrained_models", "ast_size", "max_audio_seconds", "learning_rate", "weight_decay",
              "batch_size", "num_epochs", "patience")
-
-
-def _rows(x: ModelInputs, rows: np.ndarray) -> ModelInputs:
-    return ModelInputs(None if x.fbank is None else x.fbank[rows], None if x.features is None else x.features[rows])
 

@@ -47,6 +47,11 @@ class ModelInputs:
         present = [len(x) for x in (self.fbank, self.features) if x is not None]
         return present[0] if present else 0
 
+    def take(self, rows: np.ndarray | slice) -> ModelInputs:
+        """These files' rows (`rows` indexes files)."""
+        return ModelInputs(None if self.fbank is None else self.fbank[rows],
+                           None if self.features is None else self.features[rows])
+
     def check(self, spec: InputSpec, kind: str) -> None:
         """Raise ValueError unless these inputs are what a model with `spec` reads."""
         if spec.fbank is not None:

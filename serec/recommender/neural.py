@@ -68,12 +68,11 @@ class ScaledFeatures(nn.Module):
 def _tensors(
     x: ModelInputs, rows: slice | torch.Tensor, device: torch.device
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    if isinstance(rows, torch.Tensor):
-        rows = rows.numpy()
-    fbank = None if x.fbank is None else torch.as_tensor(x.fbank[rows]).to(device)
+    part = x.take(rows.numpy() if isinstance(rows, torch.Tensor) else rows)
+    fbank = None if part.fbank is None else torch.as_tensor(part.fbank).to(device)
     features = None
-    if x.features is not None:
-        features = torch.as_tensor(np.asarray(x.features[rows], dtype=np.float32)).to(device)
+    if part.features is not None:
+        features = torch.as_tensor(np.asarray(part.features, dtype=np.float32)).to(device)
     return fbank, features
 
 

@@ -294,7 +294,10 @@ def inner_validation_mask(
         )
     parts = _grouped_parts(labels[idx], groups[idx], min(INNER_VAL_PARTS, n_groups), seed,
                            "a fold's training part and its inner validation split")  # fmt: skip
-    _, val = parts[0]
+    # The first part with two labels or more: on a small corpus a part can hold only the
+    # gatekeeper's class, leaving the expert (all stages share this split) nothing to validate on.
+    mixed = [val for _, val in parts if len(set(labels[idx[val]])) > 1]
+    val = mixed[0] if mixed else parts[0][1]
     mask = np.zeros(len(labels), dtype=bool)
     mask[idx[val]] = True
     return mask

@@ -42,6 +42,8 @@ def test_noise_classes_from_manifest_else_none(tmp_path: Path) -> None:
         noise_classes(tmp_path, bad)
 
 
+# Three fast models: the tiny DNSMOS's near-random labels then leave every fold's expert two
+# classes or more to train on.
 @pytest.mark.slow
 def test_experiment_end_to_end_writes_every_table_and_resumes(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"

@@ -489,9 +489,12 @@ def verdict(rows: Sequence[Mapping[str, Any]]) -> str:
         return f"no adaptive strategy was scored; the best single model is {single['strategy']}"
     best = max(deployable, key=lambda r: (sign * _float(r[label]), -deployable.index(r)))
     gain, low, high = (_float(best[c]) for c in ("gain_over_best_single", "gain_ci_low", "gain_ci_high"))
-    significant = "" if low > 0 or high < 0 else "not significantly "
-    direction = "better than" if gain > 0 else "worse than" if gain < 0 else "equal to"
-    return (f"{best['strategy']} is {significant}{direction} {single['strategy']} (the best single model) on "
+    if gain == low == high == 0:  # it routed every file to the best single model
+        relation = "identical to"
+    else:
+        significant = "" if low > 0 or high < 0 else "not significantly "
+        relation = significant + ("better than" if gain > 0 else "worse than" if gain < 0 else "different from")
+    return (f"{best['strategy']} is {relation} {single['strategy']} (the best single model) on "
             f"{best['files']} files: {METRICS[label].heading} {gain:+.3f} [95% CI {low:+.3f}, {high:+.3f}], "
             f"{_pct(_float(best['oracle_gain_captured']))} of the oracle's gain captured, "
             f"x{_num(_float(best['compute_vs_best_single']))} its compute")

@@ -215,3 +215,20 @@ def test_strategies_refuse_files_without_scores(tmp_path: Path) -> None:
                            fallback_model="A")
     with pytest.raises(FileNotFoundError, match="labels.csv"):
         read_enhancement_scores(tmp_path / "nowhere" / "labels.csv")
+
+
+def test_verdict_words_an_identical_routing_and_a_significant_gain() -> None:
+    from serec.strategies import verdict
+
+    def row(strategy: str, ovr: float, gain: tuple[float, float, float]) -> dict[str, object]:
+        return {"strategy": strategy, "files": 10, "label_metric": "dnsmos_ovr", "dnsmos_ovr": ovr,
+                "gain_over_best_single": gain[0], "gain_ci_low": gain[1], "gain_ci_high": gain[2],
+                "oracle_gain_captured": 0.0, "compute_vs_best_single": 1.0}
+
+    fixed = [row("always_A", 3.0, (0.0, 0.0, 0.0)), row("always_B", 2.5, (-0.5, -0.7, -0.3))]
+    identical = verdict([*fixed, row("adaptive", 3.0, (0.0, 0.0, 0.0))])
+    assert identical.startswith("adaptive is identical to always_A (the best single model) on 10 files")
+    better = verdict([*fixed, row("adaptive", 3.2, (0.2, 0.05, 0.35))])
+    assert better.startswith("adaptive is better than always_A") and "+0.200 [95% CI +0.050, +0.350]" in better
+    unsure = verdict([*fixed, row("adaptive", 2.9, (-0.1, -0.3, 0.1))])
+    assert unsure.startswith("adaptive is not significantly worse than always_A")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import faulthandler
 import multiprocessing
 import os
 import signal
@@ -32,6 +33,13 @@ from serec.synth import speech_like
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def crash_on_purpose() -> None:
+    """Kill this process with SIGSEGV, as a crashing native library would; without the
+    traceback dump of pytest's faulthandler, which is noise for a crash a test causes."""
+    faulthandler.disable()
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
 class ToyJob(ChunkJob[int]):
     """Squares items; crashes its worker, exits it, or raises on chosen items."""
 
@@ -47,7 +55,7 @@ class ToyJob(ChunkJob[int]):
     def process(self, unit: WorkUnit[int]) -> list[Any]:
         for item in unit.items:
             if item in self.crash_on:
-                os.kill(os.getpid(), signal.SIGSEGV)
+                crash_on_purpose()
             if item in self.exit_on:
                 os._exit(3)
             if item in self.raise_on:
@@ -139,7 +147,7 @@ class SegfaultOnMarked(BuiltinEnhancer):
 
     def enhance_batch(self, audios, sr=16_000, file_ids=None):  # type: ignore[no-untyped-def]
         if any("crash" in fid for fid in file_ids or ()):
-            os.kill(os.getpid(), signal.SIGSEGV)
+            crash_on_purpose()
         return super().enhance_batch(audios, sr, file_ids)
 
     def process(self, audio: np.ndarray) -> np.ndarray:

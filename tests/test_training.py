@@ -155,7 +155,6 @@ def test_inner_validation_is_grouped_and_inside_the_training_part():
     np.testing.assert_array_equal(val, inner_validation_mask(labels, groups, ~held_out, seed=44))
 
 
-
 def test_inner_validation_holds_two_labels_when_a_part_can():
     """A rare label in few speakers: a part of the training part can hold only the common
     label, which would leave the expert (trained on the other labels) nothing to validate on."""
@@ -165,6 +164,7 @@ def test_inner_validation_holds_two_labels_when_a_part_can():
         val = inner_validation_mask(labels, groups, np.ones(len(labels), bool), seed)
         assert set(labels[val]) == {"SGMSE", "StoRM"}, seed
         assert val.sum() == 6 and not set(groups[val]) & set(groups[~val])
+
 
 def test_stage_tasks():
     classes = ["All_Failed", "SGMSE", "StoRM"]
